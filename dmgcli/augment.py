@@ -1,0 +1,135 @@
+"""Batched image augmentation on the training device (GPU or CPU), per dataset.
+
+Input: uint8 [B, C, H, W]; output: float [B, C, S, S] in [0, 1]. Working on whole batches
+with one affine `grid_sample` replaces per-image PIL transforms, which were the bottleneck
+of the usual ImageFolder + DataLoader input path (REFERENCE.md, section 3).
+Reference augmentations (REFERENCE.md, section 1):
+  pacs:      RandomResizedCrop(224, scale 0.8-1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.4);
+             eval: resize to 224
+  domainnet: RandomCrop 224 of the 256 px image + flip; eval: centre crop 224
+  none:      the embedded digits (rotation is the domain shift, so no geometric augmentation)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DmgError
+
+CROP = 224
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0)
+
+
+def _uniform(n: int, low: float, high: float, like: torch.Tensor, generator=None) -> torch.Tensor:
+    return torch.rand(n, device=like.device, generator=generator) * (high - low) + low
+
+
+def affine_crop(x: torch.Tensor, width: torch.Tensor, height: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop per sample a box (fractions of the image, centre in [-1, 1] coords), resize to size, flip.
+
+    x: float [B, C, H, W]; width/height/cx/cy/flip: [B]. One batched grid_sample.
+    """
+    sign = 1.0 - 2.0 * flip  # -1 mirrors horizontally
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = width * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip, batched (boxes clipped to the image)."""
+    b = x.shape[0]
+    area = _uniform(b, *scale, x, generator)
+    log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), x, generator)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(b, device=x.device, generator=generator) * 2 - 1) * (1 - width)
+    cy = (torch.rand(b, device=x.device, generator=generator) * 2 - 1) * (1 - height)
+    flip = (torch.rand(b, device=x.device, generator=generator) < 0.5).to(x.dtype)
+    return affine_crop(x, width, height, cx, cy, flip, size)
+
+
+def random_crop_flip(x: torch.Tensor, size: int, generator=None) -> torch.Tensor:
+    """RandomCrop(size) of the stored image + RandomHorizontalFlip, batched, pixel-aligned."""
+    b, _, h, w = x.shape
+    ox = torch.randint(0, w - size + 1, (b,), device=x.device, generator=generator).to(x.dtype)
+    oy = torch.randint(0, h - size + 1, (b,), device=x.device, generator=generator).to(x.dtype)
+    width, height = torch.full_like(ox, size / w), torch.full_like(oy, size / h)
+    cx = (2 * ox + size) / w - 1
+    cy = (2 * oy + size) / h - 1
+    flip = (torch.rand(b, device=x.device, generator=generator) < 0.5).to(x.dtype)
+    return affine_crop(x, width, height, cx, cy, flip, size)
+
+
+def color_jitter(x: torch.Tensor, strength: float = 0.4, hue: float = 0.4, generator=None) -> torch.Tensor:
+    """Per-sample brightness, contrast, saturation and hue jitter. x: float [B, 3, H, W] in [0, 1].
+
+    Fixed order (torchvision shuffles it per call); hue is a rotation of the YIQ chroma plane,
+    a close and cheap stand-in for torchvision's HSV shift.
+    """
+    b = x.shape[0]
+
+    def factor():
+        return _uniform(b, 1 - strength, 1 + strength, x, generator).view(b, 1, 1, 1)
+
+    x = (x * factor()).clamp_(0, 1)
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # [B, 1, H, W]
+    mean = gray.mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * factor() + mean).clamp_(0, 1)
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    x = ((x - gray) * factor() + gray).clamp_(0, 1)
+    angle = _uniform(b, -hue, hue, x, generator) * 2 * math.pi
+    yiq = _RGB_TO_YIQ.to(x)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(b, 3, 3, device=x.device, dtype=x.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    transform = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3]
+    return torch.einsum("bij,bjhw->bihw", transform, x).clamp_(0, 1)
+
+
+def pacs_train(x, generator=None):
+    return color_jitter(random_resized_crop(to_float(x), CROP, generator=generator), generator=generator)
+
+
+def pacs_eval(x, generator=None):
+    return F.interpolate(to_float(x), size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)
+
+
+def domainnet_train(x, generator=None):
+    return random_crop_flip(to_float(x), CROP, generator=generator)
+
+
+def domainnet_eval(x, generator=None):
+    h, w = x.shape[-2:]
+    top, left = (h - CROP) // 2, (w - CROP) // 2
+    return to_float(x[..., top:top + CROP, left:left + CROP])
+
+
+def identity(x, generator=None):
+    return to_float(x)
+
+
+AUGMENTATIONS = {
+    "none": (identity, identity),
+    "pacs": (pacs_train, pacs_eval),
+    "domainnet": (domainnet_train, domainnet_eval),
+}
+
+
+def get_augmentation(name: str):
+    """(train_transform, eval_transform) for a dataset's augmentation name."""
+    if name not in AUGMENTATIONS:
+        raise DmgError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]

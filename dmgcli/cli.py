@@ -1,0 +1,172 @@
+"""The `dmg` command line: one command per pipeline stage.
+
+Each command reads params.yaml (--params), applies its flags on top, and calls the stage's
+plain function in stages/. Errors a user can fix print one line on stderr and exit 1.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .datasets import get_dataset, resolve_dataset
+from .errors import DmgError
+from .params import load_params, override
+
+app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file; flags override its values.")
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"dmg: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Turn user-facing errors into one line on stderr and a non-zero exit, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DmgError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; completed checkpoints and files are intact", 130)
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                fail("out of GPU memory; try a smaller --batch-size")
+            raise
+    return wrapper
+
+
+def params_with_train_flags(params_file: Path, **flags):
+    """Load params, apply train-section flags, and resolve the dataset from --dataset/--target."""
+    params = load_params(params_file)
+    dataset = flags.pop("dataset")
+    train = override(params.train, **flags)
+    info = resolve_dataset(train.target, dataset, params.dataset)
+    return params, train, info
+
+
+@app.command()
+@handle_errors
+def download(
+    dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
+    source: Optional[str] = typer.Option(None, "--from", help="Local zip, extracted folder or mirror URL to use instead of the public download."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Fetch a dataset's raw files into <data_dir>/raw/<dataset>."""
+    from stages.download import download as run
+
+    params = load_params(params_file)
+    out = run(dataset, params.data_dir, override(params.download, source=source))
+    typer.echo(f"{dataset}: raw files in {out}")
+
+
+@app.command()
+@handle_errors
+def preprocess(
+    dataset: str = typer.Argument("digits", help="Dataset to convert: digits, pacs or domainnet."),
+    image_size: Optional[int] = typer.Option(None, help="Side length of stored images (real datasets)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes; 0 = all cores."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Convert raw files into one HDF5 file, <data_dir>/prepared/<dataset>.h5."""
+    from stages.preprocess import preprocess as run
+
+    params = load_params(params_file)
+    out = run(dataset, params.data_dir, override(params.preprocess, image_size=image_size, workers=workers))
+    typer.echo(f"{dataset}: wrote {out}")
+
+
+@app.command()
+@handle_errors
+def train(
+    target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset; may be left out when the target names a domain of one dataset only."),
+    backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet."),
+    method: Optional[str] = typer.Option(None, help="aggregate, multihead or dmg."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same metrics on the CPU)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs; default from the dataset's schedule."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate of the network; default from the dataset's schedule."),
+    mask_lr: Optional[float] = typer.Option(None, help="Adam learning rate of the mask logits; default from the schedule."),
+    overlap_lambda: Optional[float] = typer.Option(None, help="Weight lambda_O of the soft-IoU overlap loss (DMG)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="Start from ImageNet weights or from scratch."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Train one leave-one-domain-out run; keeps the best source-validation checkpoint and the last."""
+    from stages.train import train as run
+
+    params, train_params, info = params_with_train_flags(
+        params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed, epochs=epochs,
+        batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device)
+    folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
+    typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset; may be left out when the target names a domain of one dataset only."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone of the run."),
+    method: Optional[str] = typer.Option(None, help="Method of the run."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the run."),
+    run_folder: Optional[Path] = typer.Option(None, "--run", help="Run folder; default from the flags above."),
+    out: Optional[Path] = typer.Option(None, help="Metrics JSON; default metrics/<dataset>/<backbone>/<method>/<target>/seed<seed>.json."),
+    average_over: Optional[str] = typer.Option(None, help="Average per-domain outputs over logits (reference) or probs."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Out-of-domain (target test) and in-domain (source tests) accuracy of a run's best checkpoint."""
+    from stages.evaluate import evaluate as run
+
+    params, train_params, info = params_with_train_flags(
+        params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed)
+    eval_params = override(params.evaluate, average_over=average_over, device=device)
+    metrics = run(info, params.data_dir, train_params, eval_params, run=run_folder, out=out)
+    in_domain = metrics["in_domain"]["average"]["mean"]
+    typer.echo(f"{info.name} {train_params.backbone} {train_params.method} target {train_params.target}: "
+               f"out-of-domain {metrics['out_of_domain']['accuracy']:.2f}%  in-domain {in_domain:.2f}%")
+
+
+@app.command()
+@handle_errors
+def report(
+    dataset: Optional[str] = typer.Option(None, help="Dataset whose runs to tabulate; default params.yaml's."),
+    metrics_dir: Path = typer.Option(Path("metrics"), help="Folder of metrics files written by evaluate."),
+    out_dir: Path = typer.Option(Path("reports"), help="Where tables are written."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Print and write the out-of-domain and in-domain tables of the runs that exist."""
+    from stages.report import report as run
+
+    params = load_params(params_file)
+    name = get_dataset(dataset or params.dataset).name
+    typer.echo(run(name, metrics_dir, out_dir))
+
+
+@app.command()
+@handle_errors
+def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
+    """Per domain and split: image and class counts, and the file's provenance."""
+    from stages.info import describe
+
+    typer.echo(describe(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

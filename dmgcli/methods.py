@@ -1,0 +1,217 @@
+"""Training methods: Aggregate, Multi-Headed and DMG.
+
+Each is a small `nn.Module` with the same interface (after DomainBed's algorithms):
+  objective(x, y, d) -> (loss, stats)   the training loss of one batch
+  update(x, y, d)    -> stats           one optimisation step
+  predict(x, mode, domains) -> scores   [B, C]; argmax is the prediction
+x: float images [B, C, H, W] in [0, 1]; y: labels [B]; d: source-domain index [B] (0..D-1).
+Prediction modes: "average" (the default test-time prediction), "known_domain" (use the
+sample's own domain: DMG-KnownDomain of Table 3, or the own head), "hard" (DMG's thresholded
+own-domain mask, used for source validation as in the reference code).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone, build_backbone, disable_dropout, split_at
+from .core import DomainMasks, apply_mask
+from .errors import DmgError
+
+PREDICT_MODES = ("average", "known_domain", "hard")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    backbone: str
+    num_classes: int
+    num_domains: int
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    mask_points: tuple[str, ...] | None = None
+    mask_init: str = "uniform"
+    overlap_lambda: float = 0.1
+    lr: float = 1e-4
+    mask_lr: float = 1e-4
+    weight_decay: float = 0.0
+    average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
+
+
+class Method(nn.Module):
+    """Shared plumbing: optimisers, the update step, the combination of per-domain outputs."""
+
+    validation_mode = "average"
+
+    def __init__(self, config: MethodConfig):
+        super().__init__()
+        self.config = config
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def build_optimizers(self) -> None:
+        """Adam on the network (the reference's defaults); DMG adds a second one for the masks."""
+        self.optimizers = [torch.optim.Adam(self.network_parameters(), lr=self.config.lr,
+                                            weight_decay=self.config.weight_decay)]
+
+    def network_parameters(self):
+        return self.parameters()
+
+    def objective(self, x, y, d) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict:
+        with self.autocast():
+            loss, stats = self.objective(x, y, d)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        return {"loss": loss.detach(), **stats}
+
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """Average per-domain outputs [D, B, C] -> [B, C] over logits or probabilities."""
+        if self.config.average_over == "probs":
+            return scores.float().softmax(-1).mean(0)
+        return scores.mean(0)
+
+    def predict(self, x: torch.Tensor, mode: str = "average", domains: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _check_mode(mode: str, domains) -> None:
+    if mode not in PREDICT_MODES:
+        raise DmgError(f"unknown prediction mode {mode!r}; valid: {', '.join(PREDICT_MODES)}")
+    if mode != "average" and domains is None:
+        raise ValueError(f"prediction mode {mode!r} needs each sample's source-domain index")
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+    return wrap
+
+
+def build_method(name: str, config: MethodConfig) -> Method:
+    if name not in METHODS:
+        raise DmgError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    method = METHODS[name](config)
+    method.build_optimizers()
+    return method
+
+
+def _backbone(config: MethodConfig) -> Backbone:
+    return build_backbone(config.backbone, config.num_classes, config.pretrained, config.pretrained_path)
+
+
+@register("aggregate")
+class Aggregate(Method):
+    """One network trained on the shuffled union of all source domains."""
+
+    def __init__(self, config: MethodConfig):
+        super().__init__(config)
+        self.net = nn.Sequential(*[m for _, m in _backbone(config).layers])
+
+    def objective(self, x, y, d):
+        return F.cross_entropy(self.net(x), y), {}
+
+    def predict(self, x, mode="average", domains=None):
+        _check_mode(mode, domains)
+        return self.net(x)
+
+
+@register("multihead")
+class MultiHead(Method):
+    """Shared trunk, one classifier head per source domain; heads averaged at test time."""
+
+    def __init__(self, config: MethodConfig):
+        super().__init__(config)
+        backbone = _backbone(config)
+        *body, (_, classifier) = backbone.layers
+        self.trunk = nn.Sequential(*[m for _, m in body])
+        self.heads = nn.ModuleList(nn.Linear(classifier.in_features, config.num_classes)
+                                   for _ in range(config.num_domains))
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """All heads on all samples: [B, F] -> [D, B, C]."""
+        weight = torch.stack([h.weight for h in self.heads])  # [D, C, F]
+        bias = torch.stack([h.bias for h in self.heads])  # [D, C]
+        return torch.einsum("bf,dcf->dbc", features, weight) + bias[:, None, :]
+
+    def own_head(self, features: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        """Each sample through its own domain's head: [B, F] -> [B, C]."""
+        all_heads = self.head_logits(features)  # [D, B, C]
+        return all_heads[domains, torch.arange(features.shape[0], device=features.device)]
+
+    def objective(self, x, y, d):
+        return F.cross_entropy(self.own_head(self.trunk(x), d), y), {}
+
+    def predict(self, x, mode="average", domains=None):
+        _check_mode(mode, domains)
+        features = self.trunk(x)
+        if mode == "average":
+            return self.combine(self.head_logits(features))
+        return self.own_head(features, domains)
+
+
+@register("dmg")
+class DMG(Method):
+    """Domain-specific masks (section 2): per-domain Bernoulli masks at the mask points,
+    trained with the straight-through estimator, plus lambda_O times the soft-IoU overlap."""
+
+    validation_mode = "hard"
+
+    def __init__(self, config: MethodConfig):
+        super().__init__(config)
+        backbone = _backbone(config)
+        disable_dropout(backbone)
+        self.mask_points = config.mask_points or backbone.default_mask_points
+        self.trunk, segments, units = split_at(backbone, self.mask_points)
+        self.segments = nn.ModuleList(segments)
+        self.masks = DomainMasks(units, config.num_domains, init=config.mask_init)
+
+    def network_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("masks.")]
+
+    def build_optimizers(self) -> None:
+        super().build_optimizers()
+        # The reference trains the masks with a second Adam, same lr, no weight decay.
+        self.optimizers.append(torch.optim.Adam(self.masks.parameters(), lr=self.config.mask_lr))
+
+    def masked_forward(self, features: torch.Tensor, domains: torch.Tensor, kind: str) -> torch.Tensor:
+        """Run the segments with each sample's own-domain mask of `kind` (train/soft/hard)."""
+        mask_fn = {"train": self.masks.train_mask, "soft": self.masks.soft_mask, "hard": self.masks.hard_mask}[kind]
+        h = features
+        for layer, segment in enumerate(self.segments):
+            h = segment(apply_mask(h, mask_fn(layer, domains)))
+        return h
+
+    def objective(self, x, y, d):
+        logits = self.masked_forward(self.trunk(x), d, "train")
+        ce = F.cross_entropy(logits, y)
+        overlap = self.masks.overlap()
+        return ce + self.config.overlap_lambda * overlap, {"ce": ce.detach(), "overlap": overlap.detach()}
+
+    def predict(self, x, mode="average", domains=None):
+        _check_mode(mode, domains)
+        features = self.trunk(x)  # once per batch, whatever the number of source domains
+        if mode == "known_domain":
+            return self.masked_forward(features, domains, "soft")
+        if mode == "hard":
+            return self.masked_forward(features, domains, "hard")
+        # Average: every sample under every domain's soft mask, in one batched pass.
+        batch, num_domains = features.shape[0], self.masks.num_domains
+        repeated = features.repeat(num_domains, *[1] * (features.dim() - 1))  # [D*B, ...]
+        domain_ids = torch.arange(num_domains, device=x.device).repeat_interleave(batch)  # [D*B]
+        scores = self.masked_forward(repeated, domain_ids, "soft")  # [D*B, C]
+        return self.combine(scores.view(num_domains, batch, -1))

@@ -1,0 +1,75 @@
+"""Stage 4, evaluate: out-of-domain and in-domain accuracy of a trained run, as JSON.
+
+Metrics file (accuracies in percent, the paper's unit):
+{
+  "dataset", "backbone", "method", "target", "seed", "sources": [...],
+  "out_of_domain": {"accuracy": float, "mode": "average"},          # target's test split
+  "in_domain": {"<mode>": {"per_domain": {source: float}, "mean": float}},  # sources' test splits
+  "selection": {"best_epoch": int, "val_accuracy": float},
+  "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}}}  # DMG only
+}
+In-domain modes: "average" for every method; "known_domain" for DMG (DMG-KnownDomain,
+Table 3) and Multi-Headed (own head).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmgcli import augment as aug
+from dmgcli.data import BatchStream, DomainImages
+from dmgcli.datasets import DatasetInfo, require_h5
+from dmgcli.engine import accuracy, autocast_for, load_checkpoint, resolve_device
+from dmgcli.fileio import read_json, write_json
+from dmgcli.h5data import SplitReader
+from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
+from dmgcli.params import EvaluateParams, TrainParams
+from stages.train import check_identity, make_spec, run_dir
+
+
+def metrics_path(metrics_dir: str | Path, dataset: str, backbone: str, method: str, target: str, seed: int) -> Path:
+    return Path(metrics_dir) / dataset / backbone / method / target / f"seed{seed}.json"
+
+
+def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, params: EvaluateParams,
+             run: str | Path | None = None, out: str | Path | None = None, metrics_dir: str | Path = "metrics") -> dict:
+    """Evaluate the best checkpoint of a run; writes and returns the metrics."""
+    h5 = require_h5(data_dir, info.name)
+    spec = make_spec(info, h5, train_params, params.average_over)
+    folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
+                                           train_params.target, train_params.seed)
+    ckpt = load_checkpoint(folder / "best.pt")
+    check_identity(ckpt, spec, folder / "best.pt")
+    device = resolve_device(params.device)
+    # Rebuild the network as it was trained (mask points etc. from the checkpoint), not as params say now.
+    config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over, "pretrained": False})
+    method = build_method(spec.method, config).to(device)
+    method.load_state_dict(ckpt["model"])
+    method.autocast = autocast_for(device)
+    _, eval_aug = aug.get_augmentation(info.augmentation)
+
+    def split_accuracy(domain: str, domain_id: int, mode: str) -> float:
+        stream = BatchStream(DomainImages([SplitReader(h5, domain, "test")], [domain_id]), params.batch_size, device,
+                             train_params.workers)
+        return accuracy(method, stream, eval_aug, mode)
+
+    modes = ["average"] + (["known_domain"] if isinstance(method, (DMG, MultiHead)) else [])
+    in_domain = {}
+    for mode in modes:
+        per_domain = {d: split_accuracy(d, k, mode) for k, d in enumerate(spec.sources)}
+        in_domain[mode] = {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain)}
+    best = read_json(folder / "run.json")["best"] if (folder / "run.json").exists() else {}
+    metrics = {
+        "dataset": info.name, "backbone": config.backbone, "method": spec.method, "target": spec.target,
+        "seed": train_params.seed, "sources": list(spec.sources),
+        # The target's domain index is irrelevant in "average" mode; 0 is a placeholder.
+        "out_of_domain": {"accuracy": split_accuracy(spec.target, 0, "average"), "mode": "average"},
+        "in_domain": in_domain,
+        "selection": {"best_epoch": best.get("epoch"), "val_accuracy": best.get("val_accuracy")},
+    }
+    if isinstance(method, DMG):
+        metrics["masks"] = {"points": list(method.mask_points),
+                            **method.masks.metrics(list(method.mask_points), list(spec.sources))}
+    path = Path(out) if out else metrics_path(metrics_dir, info.name, config.backbone, spec.method, spec.target,
+                                              train_params.seed)
+    write_json(path, metrics)
+    return metrics
