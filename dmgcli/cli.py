@@ -142,17 +142,77 @@ def evaluate(
 @app.command()
 @handle_errors
 def report(
-    dataset: Optional[str] = typer.Option(None, help="Dataset whose runs to tabulate; default params.yaml's."),
+    table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset whose runs to report (without --table); default params.yaml's."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="text, markdown, csv, latex or json; default params.yaml report.format."),
+    out: Optional[Path] = typer.Option(None, help="Write the table(s) to this file instead of printing them."),
     metrics_dir: Path = typer.Option(Path("metrics"), help="Folder of metrics files written by evaluate."),
-    out_dir: Path = typer.Option(Path("reports"), help="Where tables are written."),
+    out_dir: Path = typer.Option(Path("reports"), help="Where the report (without --table) is written: <out-dir>/<dataset>/."),
+    figures: Optional[bool] = typer.Option(None, "--figures/--no-figures", help="Draw training curves, mask plots and the sweep figure."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Print and write the out-of-domain and in-domain tables of the runs that exist."""
+    """Our accuracies beside the paper's, mean +- std over seeds; "-" and a command where a run is missing.
+
+    With --table N: the paper's Table N. Without: the report stage of the pipeline's dataset,
+    writing tables, figures and index.md into <out-dir>/<dataset>/ and printing the tables.
+    """
+    from stages.report import FORMATS, paper_document, paper_table, render
     from stages.report import report as run
 
+    from .fileio import write_text
+
     params = load_params(params_file)
-    name = get_dataset(dataset or params.dataset).name
-    typer.echo(run(name, metrics_dir, out_dir))
+    settings = override(params.report, format=fmt, figures=figures)
+    if settings.format not in FORMATS:
+        raise DmgError(f"unknown report format {settings.format!r}; valid: {', '.join(FORMATS)}")
+    if table is not None:
+        if dataset and get_dataset(dataset).name != paper_table(table).dataset:
+            raise DmgError(f"table {table} is {paper_table(table).dataset}; drop --dataset {dataset}")
+        doc = paper_document(table, metrics_dir, params.matrix.seeds)
+    else:
+        name = get_dataset(dataset or params.dataset).name
+        doc = run(name, params.matrix, metrics_dir, out_dir, params.data_dir, settings.figures)
+    for line in doc.skipped:
+        typer.echo(f"warning: skipped {line}", err=True)
+    for path in doc.missing:
+        typer.echo(f"warning: missing {path}", err=True)
+    text = render(doc, settings.format)
+    if out:
+        write_text(out, text)
+        typer.echo(f"wrote {out}", err=True)
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+@handle_errors
+def sweep(
+    dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
+    lambdas: Optional[list[float]] = typer.Option(None, "--lambda", help="A lambda_O value; repeat for several. Default: params.yaml report.sweep.lambdas."),
+    targets: Optional[list[str]] = typer.Option(None, "--target", help="A target domain; repeat for several. Default: report.sweep.targets."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="A seed; repeat for several. Default: report.sweep.seeds."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run; default report.sweep.epochs."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Train and evaluate DMG once per lambda_O x target x seed into <data_dir>/sweeps/<dataset>/.
+
+    Writes sweep.json (out-of-domain, in-domain accuracy and mean pairwise mask IoU per
+    lambda_O) and lambda_sweep.png/.svg; `dmg report` then shows them in the summary.
+    """
+    from stages.sweep import summary_markdown, summary_path
+    from stages.sweep import sweep as run
+
+    params = load_params(params_file)
+    info = get_dataset(dataset or params.dataset)
+    settings = override(params.report.sweep, lambdas=tuple(lambdas) if lambdas else None,
+                        targets=tuple(targets) if targets else None, seeds=tuple(seeds) if seeds else None,
+                        epochs=epochs)
+    train_params = override(params.train, device=device)
+    summary = run(info, params.data_dir, train_params, override(params.evaluate, device=device), settings,
+                  progress=typer.echo)
+    typer.echo(summary_markdown(summary))
+    typer.echo(f"wrote {summary_path(params.data_dir, info.name)}")
 
 
 @app.command()

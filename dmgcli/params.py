@@ -97,8 +97,19 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class SweepParams:
+    """The lambda_O sweep (`dmg sweep`): DMG trained and evaluated once per lambda x target x seed."""
+    lambdas: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5, 1.0)
+    targets: tuple[str, ...] = ("rot0",)  # domains of `dataset`
+    seeds: tuple[int, ...] = (0,)
+    epochs: Optional[int] = 12  # None: the dataset schedule's epochs (the sweep is then a full training each)
+
+
+@dataclass(frozen=True)
 class ReportParams:
-    format: str = "text"
+    format: str = "text"  # what `dmg report` prints: text, markdown, csv, latex or json
+    figures: bool = True  # draw training curves, mask plots and the sweep figure
+    sweep: SweepParams = SweepParams()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Metrics file (accuracies in percent, the paper's unit):
   "out_of_domain": {"accuracy": float, "mode": "average"},          # target's test split
   "in_domain": {"<mode>": {"per_domain": {source: float}, "mean": float}},  # sources' test splits
   "selection": {"best_epoch": int, "val_accuracy": float},
-  "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}}}  # DMG only
+  "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}},  # DMG only
+            "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}}
 }
 In-domain modes: "average" for every method; "known_domain" for DMG (DMG-KnownDomain,
 Table 3) and Multi-Headed (own head).
@@ -14,6 +15,8 @@ Table 3) and Multi-Headed (own head).
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from dmgcli import augment as aug
 from dmgcli.data import BatchStream, DomainImages
@@ -28,6 +31,23 @@ from stages.train import check_identity, make_spec, run_dir
 
 def metrics_path(metrics_dir: str | Path, dataset: str, backbone: str, method: str, target: str, seed: int) -> Path:
     return Path(metrics_dir) / dataset / backbone / method / target / f"seed{seed}.json"
+
+
+KEEP_BINS = 20  # equal-width keep-probability bins over [0, 1] for the report's histograms
+
+
+@torch.no_grad()
+def keep_histograms(method: DMG, sources: list[str]) -> dict:
+    """Per masked point and source: how many mask units fall in each keep-probability bin.
+
+    Counts rather than every unit's probability keep the file small (AlexNet has 17,408 units).
+    """
+    counts = {}
+    for layer, point in enumerate(method.mask_points):
+        probs = method.masks.probs(layer).float().cpu()  # [D, U]
+        counts[point] = {s: torch.histc(p, bins=KEEP_BINS, min=0.0, max=1.0).int().tolist()
+                         for s, p in zip(sources, probs)}
+    return {"bin_edges": [k / KEEP_BINS for k in range(KEEP_BINS + 1)], "counts": counts}
 
 
 def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, params: EvaluateParams,
@@ -68,7 +88,8 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     }
     if isinstance(method, DMG):
         metrics["masks"] = {"points": list(method.mask_points),
-                            **method.masks.metrics(list(method.mask_points), list(spec.sources))}
+                            **method.masks.metrics(list(method.mask_points), list(spec.sources)),
+                            "keep_probability_histogram": keep_histograms(method, list(spec.sources))}
     path = Path(out) if out else metrics_path(metrics_dir, info.name, config.backbone, spec.method, spec.target,
                                               train_params.seed)
     write_json(path, metrics)
