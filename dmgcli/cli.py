@@ -58,13 +58,14 @@ def params_with_train_flags(params_file: Path, **flags):
 def download(
     dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
     source: Optional[str] = typer.Option(None, "--from", help="Local zip, extracted folder or mirror URL to use instead of the public download."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Folder holding the split lists (PACS: <domain>_{train,crossval,test}_kfold.txt; DomainNet: official/ and tv_0.9_splits/); default: look beside the images."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Fetch a dataset's raw files into <data_dir>/raw/<dataset>."""
+    """Fetch a dataset's raw files into <data_dir>/raw/<dataset>, verified against its MANIFEST.json."""
     from stages.download import download as run
 
     params = load_params(params_file)
-    out = run(dataset, params.data_dir, override(params.download, source=source))
+    out = run(dataset, params.data_dir, override(params.download, source=source, splits=splits))
     typer.echo(f"{dataset}: raw files in {out}")
 
 
@@ -74,14 +75,16 @@ def preprocess(
     dataset: str = typer.Argument("digits", help="Dataset to convert: digits, pacs or domainnet."),
     image_size: Optional[int] = typer.Option(None, help="Side length of stored images (real datasets)."),
     workers: Optional[int] = typer.Option(None, help="Worker processes; 0 = all cores."),
+    encoding: Optional[str] = typer.Option(None, help="Stored images: jpeg (encoded bytes + offsets) or raw (uint8 pixels)."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Convert raw files into one HDF5 file, <data_dir>/prepared/<dataset>.h5."""
+    """Convert raw files into one HDF5 file, <data_dir>/prepared/<dataset>.h5 (unchanged inputs: nothing to do)."""
     from stages.preprocess import preprocess as run
 
     params = load_params(params_file)
-    out = run(dataset, params.data_dir, override(params.preprocess, image_size=image_size, workers=workers))
-    typer.echo(f"{dataset}: wrote {out}")
+    settings = override(params.preprocess, image_size=image_size, workers=workers, encoding=encoding)
+    out = run(dataset, params.data_dir, settings)
+    typer.echo(f"{dataset}: {out}")
 
 
 @app.command()

@@ -84,6 +84,78 @@ def write_split(f: h5py.File, domain: str, split: str, images, labels, paths) ->
         raise ValueError(f"{domain}/{split}: {len(labels)} labels for a different number of images")
 
 
+class SplitAppender:
+    """Write one /<domain>/<split> group image by image, in bounded memory.
+
+    Produces exactly what `write_split` writes. "jpeg": encoded images are spooled to an
+    unnamed temporary file beside the output and copied into one contiguous `images`
+    dataset at `close` (contiguous: a reader can take any image with one slice, or memory-map
+    the whole array). "raw": `images` is allocated for `capacity` images, one per chunk, and
+    shrunk at `close` to the number appended.
+    """
+
+    SPOOL_BLOCK = 64 << 20  # bytes copied from the spool per write
+
+    def __init__(self, f: h5py.File, domain: str, split: str, capacity: int):
+        self.f, self.domain, self.split = f, domain, split
+        self.group = f.require_group(f"{domain}/{split}")
+        self.encoding = str(f.attrs["encoding"])
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+        if self.encoding == "raw":
+            shape = (int(f.attrs["height"]), int(f.attrs["width"]), int(f.attrs["channels"]))
+            self.images = self.group.create_dataset("images", shape=(capacity, *shape), maxshape=(None, *shape),
+                                                    dtype=np.uint8, chunks=(1, *shape))
+        else:
+            import tempfile
+            self.spool = tempfile.TemporaryFile(dir=Path(f.filename).parent)
+            self.sizes: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def append(self, image, label: int, path: str) -> None:
+        """image: encoded bytes ("jpeg") or uint8 [H, W, C] ("raw")."""
+        if self.encoding == "raw":
+            self.images[len(self.labels)] = image
+        else:
+            self.spool.write(image)
+            self.sizes.append(len(image))
+        self.labels.append(int(label))
+        self.paths.append(path)
+
+    def close(self) -> None:
+        n = len(self.labels)
+        self.group.create_dataset("labels", data=np.asarray(self.labels, dtype=np.int64))
+        self.group.create_dataset("paths", data=np.array(self.paths, dtype=object), dtype=h5py.string_dtype())
+        if self.encoding == "raw":
+            self.images.resize(n, axis=0)
+            return
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(self.sizes, dtype=np.int64))]).astype(np.int64)
+        images = self.group.create_dataset("images", shape=(int(offsets[-1]),), dtype=np.uint8)
+        self.spool.seek(0)
+        for start in range(0, int(offsets[-1]), self.SPOOL_BLOCK):
+            block = np.frombuffer(self.spool.read(self.SPOOL_BLOCK), dtype=np.uint8)
+            images[start:start + len(block)] = block
+        self.spool.close()
+        self.group.create_dataset("offsets", data=offsets)
+
+
+class StoredSplit:
+    """Images of a split already written to an open file, as stored (to copy them to another split)."""
+
+    def __init__(self, f: h5py.File, domain: str, split: str):
+        group = f[f"{domain}/{split}"]
+        self.images = group["images"]
+        self.offsets = group["offsets"][:] if f.attrs["encoding"] == "jpeg" else None
+
+    def __getitem__(self, i: int):
+        """Encoded bytes ("jpeg") or uint8 [H, W, C] ("raw")."""
+        if self.offsets is None:
+            return self.images[i]
+        return self.images[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+
 def open_file(path: str | Path) -> h5py.File:
     path = Path(path)
     if not path.exists():

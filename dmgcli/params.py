@@ -30,8 +30,9 @@ class MatrixParams:
 @dataclass(frozen=True)
 class DownloadParams:
     source: Optional[str] = None  # local zip, extracted folder or mirror URL (--from)
-    retries: int = 3
-    timeout: float = 60.0
+    splits: Optional[str] = None  # folder holding the split lists (--splits); None: look beside the images
+    retries: int = 3  # further attempts after a failed transfer (each resumes it)
+    timeout: float = 60.0  # seconds without data before an attempt counts as failed
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,9 @@ class PreprocessParams:
     encoding: str = "jpeg"  # "jpeg" (encoded bytes + offsets) or "raw" (uint8 pixels)
     jpeg_quality: int = 90
     workers: int = 0  # 0 = all cores
-    seed: int = 0  # seeds the digits domain split and DomainNet's validation split
-    val_fraction: float = 0.1  # DomainNet validation share of the official train list
+    seed: int = 0  # seeds the digits domain split and DomainNet's "seeded" validation split
+    val_split: str = "tv_0.9"  # DomainNet validation: "tv_0.9" (the reference split) or "seeded"
+    val_fraction: float = 0.1  # DomainNet "seeded" validation share of the official train list
     digits_size: int = 28  # side length of the upsampled, rotated digits
 
 
