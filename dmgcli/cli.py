@@ -156,8 +156,7 @@ def report(
 ):
     """Our accuracies beside the paper's, mean +- std over seeds; "-" and a command where a run is missing.
 
-    With --table N: the paper's Table N. Without: the report stage of the pipeline's dataset,
-    writing tables, figures and index.md into <out-dir>/<dataset>/ and printing the tables.
+    Without --table, the report stage: writes tables, figures and index.md to <out-dir>/<dataset>/.
     """
     from stages.report import FORMATS, paper_document, paper_table, render
     from stages.report import report as run
@@ -198,10 +197,9 @@ def sweep(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Train and evaluate DMG once per lambda_O x target x seed into <data_dir>/sweeps/<dataset>/.
+    """Train and evaluate DMG per lambda_O x target x seed into <data_dir>/sweeps/<dataset>/.
 
-    Writes sweep.json (out-of-domain, in-domain accuracy and mean pairwise mask IoU per
-    lambda_O) and lambda_sweep.png/.svg; `dmg report` then shows them in the summary.
+    Writes sweep.json and lambda_sweep.png/.svg: accuracies and mean pairwise mask IoU against lambda_O.
     """
     from stages.sweep import summary_markdown, summary_path
     from stages.sweep import sweep as run

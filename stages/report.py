@@ -196,7 +196,7 @@ def paper_table(number: int) -> TableSpec:
 def paper_rows(dataset: str, kind: str) -> dict[tuple[str, str, str], tuple[float, ...]]:
     """Paper numbers by (backbone, method, mode) for the rows we implement, e.g. for the default tables."""
     found = {}
-    for number, t in paper_data()["tables"].items():
+    for t in paper_data()["tables"].values():
         if t["dataset"] == dataset and t["kind"] == kind:
             for r in t["rows"]:
                 if r["method"]:
@@ -283,6 +283,7 @@ def overall(columns: list[dict[int, float]]) -> Stat | None:
 
 def run_command(dataset: str, backbone: str, method: str, target: str, seeds: tuple[int, ...], pretrained: bool) -> str:
     """The train + evaluate commands that produce one cell, for every seed."""
+    seeds = seeds or (0,)
     seed = "$seed" if len(seeds) > 1 else str(seeds[0])
     which = f"--dataset {dataset} --target {target} --backbone {backbone} --method {method} --seed {seed}"
     start = " --pretrained" if pretrained and backbone in IMAGENET_BACKBONES else ""
@@ -316,8 +317,8 @@ def fill(spec: TableSpec, runs: Runs, seeds: tuple[int, ...]) -> FilledTable:
 def missing_files(matrix: MatrixParams, runs: Runs, metrics_dir: str | Path) -> list[str]:
     """Metrics files the matrix promises that do not exist (or could not be used)."""
     missing = []
-    for backbone, method, target, seed in itertools.product(matrix.backbones, matrix.methods, matrix.targets,
-                                                            matrix.seeds):
+    targets = [t for t in matrix.targets if t in get_dataset(runs.dataset).domains]
+    for backbone, method, target, seed in itertools.product(matrix.backbones, matrix.methods, targets, matrix.seeds):
         if seed not in runs.get(backbone, method, target):
             missing.append(str(Path(metrics_dir, runs.dataset, backbone, method, target, f"seed{seed}.json")))
     return missing
@@ -325,29 +326,36 @@ def missing_files(matrix: MatrixParams, runs: Runs, metrics_dir: str | Path) -> 
 
 @dataclass(frozen=True)
 class Document:
-    """Tables rendered together (one footnote numbering) and the files behind them."""
+    """Tables rendered together (one footnote numbering) and the metrics files behind them."""
     tables: tuple[FilledTable, ...]
-    skipped: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-    runs: int = 0
+    runs: Runs
+    missing: tuple[str, ...] = ()  # metrics files the matrix expects that are not there
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.runs.skipped
+
+    @property
+    def count(self) -> int:
+        """How many metrics files (runs) were tabulated."""
+        return sum(len(seeds) for seeds in self.runs.cells.values())
 
 
 def paper_document(number: int, metrics_dir: str | Path, seeds: tuple[int, ...]) -> Document:
     """The paper's Table `number` with our runs beside it."""
     spec = paper_table(number)
     runs = load_runs(metrics_dir, spec.dataset)
-    return Document((fill(spec, runs, seeds),), tuple(runs.skipped), runs=_count(runs))
+    return Document((fill(spec, runs, seeds),), runs)
 
 
 def default_document(dataset: str, matrix: MatrixParams, metrics_dir: str | Path) -> Document:
     """The out-of-domain and in-domain tables of `dataset`'s runs and the matrix."""
-    runs = load_runs(metrics_dir, dataset)
+    info = get_dataset(dataset)
+    if not set(matrix.targets) & set(info.domains):  # params.yaml's matrix is for another dataset: runs only
+        matrix = MatrixParams(targets=(), methods=(), backbones=(), seeds=matrix.seeds)
+    runs = load_runs(metrics_dir, info.name)
     tables = tuple(fill(spec, runs, matrix.seeds) for spec in default_tables(matrix, runs))
-    return Document(tables, tuple(runs.skipped), tuple(missing_files(matrix, runs, metrics_dir)), _count(runs))
-
-
-def _count(runs: Runs) -> int:
-    return sum(len(seeds) for seeds in runs.cells.values())
+    return Document(tables, runs, tuple(missing_files(matrix, runs, metrics_dir)))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -505,7 +513,7 @@ def table_json(table: FilledTable) -> dict:
 
 
 def to_json(doc: Document) -> str:
-    data = {"source": paper_data()["source"], "runs": doc.runs, "tables": [table_json(t) for t in doc.tables],
+    data = {"source": paper_data()["source"], "runs": doc.count, "tables": [table_json(t) for t in doc.tables],
             "commands": {str(k): c for c, k in footnotes(doc).items()}, "skipped": list(doc.skipped),
             "missing": list(doc.missing)}
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -537,7 +545,7 @@ def index_page(dataset: str, doc: Document, paper_numbers: tuple[int, ...], figu
     source = paper_data()["source"]
     links = " · ".join(f"[{fmt}](tables.{EXTENSIONS[fmt]})" for fmt in FORMATS)
     lines = [f"# DMG reproduction report: {dataset}", "",
-             f"{doc.runs} runs (metrics files) tabulated. Paper: *{source['title']}*, {source['venue']}.", "",
+             f"{doc.count} runs (metrics files) tabulated. Paper: *{source['title']}*, {source['venue']}.", "",
              "## Tables", "", f"Files: {links}", ""]
     for n in paper_numbers:
         lines.append(f"The paper's Table {n} beside ours: " + " · ".join(
@@ -566,6 +574,6 @@ def report(dataset: str, matrix: MatrixParams, metrics_dir: str | Path = "metric
     if figures:
         from stages.plots import draw_report_figures  # matplotlib only when figures are wanted
 
-        drawn = draw_report_figures(info.name, load_runs(metrics_dir, info.name), data_dir, folder)
+        drawn = draw_report_figures(info.name, doc.runs, data_dir, folder)
     write_text(folder / "index.md", index_page(info.name, doc, numbers, drawn))
     return doc

@@ -112,11 +112,17 @@ def summary_markdown(summary: dict) -> str:
     """The sweep's per-lambda_O numbers as a Markdown table."""
     n = len(summary["seeds"])
     lines = [f"{summary['dataset']} {summary['backbone']}, targets {', '.join(summary['targets'])}, "
-             f"{summary['epochs']} epochs; mean ± std over {n} seed(s), each the mean over targets.", "",
+             f"{summary['epochs']} epochs; " + (f"mean ± std over {n} seeds" if n > 1 else "one seed")
+             + ", each the mean over targets.", "",
              "| λ_O | out-of-domain (%) | in-domain (%) | in-domain, known domain (%) | mean pairwise IoU |",
              "|---:|---:|---:|---:|---:|"]
     for row in summary["summary"]:
-        cells = [f"{row[k]['mean']:.2f} ± {row[k]['std']:.2f}" for k in MEASURES[:3]]
-        iou = row["mean_iou"]
-        lines.append(f"| {row['lambda']:g} | " + " | ".join(cells) + f" | {iou['mean']:.3f} ± {iou['std']:.3f} |")
+        cells = [_mean_std(row[k], digits=3 if k == "mean_iou" else 2) for k in MEASURES]
+        lines.append(f"| {row['lambda']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_std(value: dict, digits: int) -> str:
+    """mean, with +- std when there is more than one seed."""
+    text = f"{value['mean']:.{digits}f}"
+    return text + (f" ± {value['std']:.{digits}f}" if value["n"] > 1 else "")

@@ -137,7 +137,7 @@ def test_default_tables_follow_the_matrix_and_list_missing_files(in_fixtures):
                                                 "DMG-KnownDomain"]
     assert cell(ood, "Aggregate", "convnet", "rot0").ours.mean == pytest.approx(71.0)
     assert "metrics/digits/convnet/dmg/rot30/seed1.json" in doc.missing
-    assert len(doc.missing) == 5 and doc.runs == 7
+    assert len(doc.missing) == 5 and doc.count == 7
 
 
 # ----------------------------------------------------------------------------- golden files
@@ -168,7 +168,7 @@ def test_unknown_table_and_format_are_errors():
     with pytest.raises(DmgError, match="tables 1, 2, 3"):
         report.paper_table(4)
     with pytest.raises(DmgError, match="valid: text, markdown"):
-        report.render(report.Document(()), "html")
+        report.render(report.Document((), report.Runs("digits")), "html")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -312,11 +312,11 @@ def test_sweep_settings_are_checked():
 
 @pytest.mark.slow
 def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
-    """Download, preprocess, sweep all five lambda_O for two epochs, then report it (about a minute)."""
+    """Download, preprocess, sweep all five lambda_O for one epoch each, then report it (about a minute)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("dataset: digits\ndata_dir: data\nmatrix:\n  targets: [rot0]\n"
                                           "  methods: [dmg]\n  seeds: [0]\n")
-    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep", "--epochs", "2"]):
+    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep", "--epochs", "1"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "data/sweeps/digits/sweep.json").read_text())
@@ -393,3 +393,12 @@ def test_cli_skips_partial_files_and_refuses_mismatched_ones(project):
     result = runner.invoke(app, ["report", "--table", "1"])
     assert result.exit_code == 1
     assert "dmg: error:" in result.stderr and "backbone='alexnet'" in result.stderr
+
+
+def test_default_tables_of_another_dataset_than_the_matrix_come_from_its_runs(in_fixtures):
+    doc = report.default_document("pacs", MATRIX, "metrics")  # MATRIX names digits targets
+    ood = doc.tables[0]
+    assert [(r.spec.backbone, r.spec.label) for r in ood.rows] == [("alexnet", "Aggregate"), ("resnet18", "DMG")]
+    assert doc.missing == ()
+    sketch = cell(ood, "DMG", "resnet18", "sketch")  # the paper's Table 2 number beside ours
+    assert sketch.paper == 75.21 and sketch.ours.mean == pytest.approx(74.1)
