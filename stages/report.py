@@ -383,34 +383,34 @@ def row_n(row: FilledRow) -> int | None:
     return ns.pop() if len(ns) == 1 else None
 
 
-def ours_text(cell: Cell, common_n: int | None, notes: dict[str, int], pm: str = "±") -> str:
+def ours_text(cell: Cell, common_n: int | None, notes: dict[str, int]) -> str:
     if cell.ours is None:
         return f"-#{notes[cell.command]}" if cell.command else "-"
-    text = f"{cell.ours.mean:.2f}" + (f"{pm}{cell.ours.std:.2f}" if cell.ours.n > 1 else "")
+    text = f"{cell.ours.mean:.2f}" + (f"±{cell.ours.std:.2f}" if cell.ours.n > 1 else "")
     return text if cell.ours.n == common_n else f"{text} (n={cell.ours.n})"
 
 
-def sub_rows(row: FilledRow, notes: dict[str, int], pm: str = "±") -> list[tuple[str, list[str]]]:
+def sub_rows(row: FilledRow, notes: dict[str, int]) -> list[tuple[str, list[str]]]:
     """(sub-label, cell texts) lines of one row: paper, ours, diff, as far as the row has them."""
     lines = []
     if row.spec.paper:
         lines.append(("paper", [f"{c.paper:.2f}" for c in row.cells]))
     if row.spec.method:
         n = row_n(row)
-        lines.append((f"ours (n={n})" if n else "ours", [ours_text(c, n, notes, pm) for c in row.cells]))
+        lines.append((f"ours (n={n})" if n else "ours", [ours_text(c, n, notes) for c in row.cells]))
         if any(c.diff is not None for c in row.cells):
             lines.append(("diff", ["-" if c.diff is None else f"{c.diff:+.2f}" for c in row.cells]))
     return lines
 
 
-def grid(table: FilledTable, notes: dict[str, int], pm: str = "±") -> list[list[str]]:
+def grid(table: FilledTable, notes: dict[str, int]) -> list[list[str]]:
     """Header plus one line per sub-row: [backbone, method, sub-label, cells...]; backbone and
     method only on their first line, as the paper prints them."""
     spec = table.spec
     lines = [["", "Method", "", *spec.column_labels, "Overall"]]
     last_backbone = None
     for row in table.rows:
-        for i, (sub, cells) in enumerate(sub_rows(row, notes, pm)):
+        for i, (sub, cells) in enumerate(sub_rows(row, notes)):
             backbone = spec.backbone_labels.get(row.spec.backbone, row.spec.backbone)
             lines.append([backbone if row.spec.backbone != last_backbone else "", row.spec.label if i == 0 else "",
                           sub, *cells])
@@ -451,7 +451,8 @@ def to_markdown(doc: Document) -> str:
 
 
 def latex_escape(text: str) -> str:
-    return re.sub(r"([_&%#$])", r"\\\1", text).replace("†", "$^\\dagger$")
+    """LaTeX source for one cell: special characters escaped, ± and † as math."""
+    return re.sub(r"([_&%#$])", r"\\\1", text).replace("±", " $\\pm$ ").replace("†", "$^\\dagger$")
 
 
 def to_latex(doc: Document) -> str:
@@ -459,14 +460,13 @@ def to_latex(doc: Document) -> str:
     notes = footnotes(doc)
     blocks = []
     for table in doc.tables:
-        lines = grid(table, notes, pm=" $\\pm$ ")
+        lines = grid(table, notes)
         text = [f"% {table.spec.title}", "\\begin{tabular}{lll" + "r" * (len(lines[0]) - 3) + "}", "\\toprule",
                 " & ".join(latex_escape(c) for c in lines[0]) + " \\\\", "\\midrule"]
         for i, line in enumerate(lines[1:], 1):
             if i > 1 and line[0]:
                 text.append("\\midrule")
-            cells = [latex_escape(c) for c in line[:3]] + [latex_escape(c) for c in line[3:]]
-            text.append(" & ".join(cells) + " \\\\")
+            text.append(" & ".join(latex_escape(c) for c in line) + " \\\\")
         text += ["\\bottomrule", "\\end{tabular}"]
         blocks.append("\n".join(text))
     comments = [f"% {line}" for line in [legend(doc)] + command_list(notes)]

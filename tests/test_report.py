@@ -162,6 +162,9 @@ def test_machine_formats_parse(in_fixtures):
     assert row["cells"]["sketch"]["ours"]["mean"] == 74.1 and row["cells"]["sketch"]["diff"] == -1.11
     lines = report.render(doc, "csv").splitlines()
     assert len(lines) == 1 + 21 * 5  # header + (rows x (4 targets + overall))
+    latex = report.render(report.paper_document(1, "metrics", SEEDS), "latex")
+    assert "49.20 $\\pm$ 0.42" in latex and "\\$" not in latex  # math stays math
+    assert "& -\\#1 &" in latex  # footnote marks escaped
 
 
 def test_unknown_table_and_format_are_errors():
