@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models
 
 from .errors import DmgError
 
@@ -62,6 +61,12 @@ def build_backbone(name: str, num_classes: int, pretrained: bool = False,
     return BACKBONES[name](num_classes=num_classes, pretrained=pretrained, pretrained_path=pretrained_path)
 
 
+def _models():
+    """torchvision.models, imported on first use: it costs seconds, and convnet runs never need it."""
+    from torchvision import models
+    return models
+
+
 def load_imagenet_weights(model: nn.Module, weights_enum, pretrained_path: str | None) -> None:
     """Load torchvision ImageNet weights from a given file or the local torch hub cache.
 
@@ -80,7 +85,9 @@ def load_imagenet_weights(model: nn.Module, weights_enum, pretrained_path: str |
         raise DmgError(f"could not load ImageNet weights from {path}: {exc}") from None
 
 
-def _resnet(arch: str, weights_enum, num_classes: int, pretrained: bool, pretrained_path: str | None) -> Backbone:
+def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None) -> Backbone:
+    models = _models()
+    weights_enum = getattr(models, weights_name)
     net = getattr(models, arch)(weights=None)
     if pretrained:
         load_imagenet_weights(net, weights_enum, pretrained_path)
@@ -94,16 +101,17 @@ def _resnet(arch: str, weights_enum, num_classes: int, pretrained: bool, pretrai
 
 @register("resnet18")
 def resnet18(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
-    return _resnet("resnet18", models.ResNet18_Weights, num_classes, pretrained, pretrained_path)
+    return _resnet("resnet18", "ResNet18_Weights", num_classes, pretrained, pretrained_path)
 
 
 @register("resnet50")
 def resnet50(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
-    return _resnet("resnet50", models.ResNet50_Weights, num_classes, pretrained, pretrained_path)
+    return _resnet("resnet50", "ResNet50_Weights", num_classes, pretrained, pretrained_path)
 
 
 @register("alexnet")
 def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
+    models = _models()
     net = models.alexnet(weights=None)
     if pretrained:
         load_imagenet_weights(net, models.AlexNet_Weights, pretrained_path)
@@ -131,8 +139,8 @@ def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | N
         ("conv1", block(3, 32)), ("pool1", nn.MaxPool2d(2)),
         ("conv2", block(32, 64)), ("pool2", nn.MaxPool2d(2)),
         ("conv3", block(64, 128)), ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
-        ("fc1", nn.Linear(128, 128)), ("relu", nn.ReLU(inplace=True)),
-        ("fc", nn.Linear(128, num_classes)),
+        ("fc1", nn.Linear(128, 512)), ("relu", nn.ReLU(inplace=True)),
+        ("fc", nn.Linear(512, num_classes)),
     ]
     return Backbone(layers, default_mask_points=("conv3", "fc1", "fc"))
 

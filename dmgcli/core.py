@@ -24,7 +24,7 @@ def straight_through_bernoulli(probs: torch.Tensor) -> torch.Tensor:
     estimator, `hard + p - p.detach()` in the reference code).
     """
     hard = torch.bernoulli(probs.detach())
-    return hard + probs - probs.detach()
+    return hard + (probs - probs.detach())  # the bracket is exactly 0 forward: the sample stays 0/1
 
 
 def apply_mask(activations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

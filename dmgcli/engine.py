@@ -119,6 +119,16 @@ def load_checkpoint(path) -> dict:
         raise DmgError(f"checkpoint {path} could not be read: {exc}") from None
 
 
+def load_model_state(module: torch.nn.Module, state: dict, path) -> None:
+    """Load weights, refusing a checkpoint whose shapes do not fit the network built now."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise DmgError(f"checkpoint {path} does not fit this network ({detail}); was it trained with other "
+                       f"settings or an older dmg?") from None
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": None}
     if torch.cuda.is_available():

@@ -44,7 +44,7 @@ class PreprocessParams:
     seed: int = 0  # seeds the digits domain split and DomainNet's "seeded" validation split
     val_split: str = "tv_0.9"  # DomainNet validation: "tv_0.9" (the reference split) or "seeded"
     val_fraction: float = 0.1  # DomainNet "seeded" validation share of the official train list
-    digits_size: int = 28  # side length of the upsampled, rotated digits
+    digits_size: int = 16  # side length of the upsampled, rotated digits
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Schedule:
 
 DEFAULT_SCHEDULES = {
     # Digits train from scratch, so they take a larger step than the reference's fine-tuning lr.
-    "digits": Schedule(epochs=30, baseline_epochs=30, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
+    "digits": Schedule(epochs=48, baseline_epochs=32, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
                        lr_schedule="exponential", gamma=0.99),
     "pacs": Schedule(epochs=150, baseline_epochs=100, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
                      lr_schedule="exponential", gamma=0.99),
@@ -126,8 +126,13 @@ class Params:
     report: ReportParams = ReportParams()
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _describe(tp) -> str:
+    """An annotation in words, for error messages: Optional[float] -> "a number or null"."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, "a mapping")
 
 
 def _convert(value: Any, tp, key: str) -> Any:
@@ -144,7 +149,7 @@ def _convert(value: Any, tp, key: str) -> Any:
                 return _convert(value, arg, key)
             except DmgError:
                 continue
-        raise DmgError(f"params: {key} must be {_type_name(tp)}, got {value!r}")
+        raise DmgError(f"params: {key} must be {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise DmgError(f"params: {key} must be a mapping, got {value!r}")

@@ -21,7 +21,7 @@ import torch
 from dmgcli import augment as aug
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import accuracy, autocast_for, load_checkpoint, resolve_device
+from dmgcli.engine import accuracy, autocast_for, load_checkpoint, load_model_state, resolve_device
 from dmgcli.fileio import read_json, write_json
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
@@ -63,7 +63,7 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     # Rebuild the network as it was trained (mask points etc. from the checkpoint), not as params say now.
     config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over, "pretrained": False})
     method = build_method(spec.method, config).to(device)
-    method.load_state_dict(ckpt["model"])
+    load_model_state(method, ckpt["model"], folder / "best.pt")
     method.autocast = autocast_for(device)
     _, eval_aug = aug.get_augmentation(info.augmentation)
 

@@ -19,7 +19,7 @@ import torch
 from dmgcli import augment as aug
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import (accuracy, autocast_for, load_checkpoint, make_scheduler, resolve_device, rng_state,
+from dmgcli.engine import (accuracy, autocast_for, load_checkpoint, load_model_state, make_scheduler, resolve_device, rng_state,
                            save_checkpoint, seed_everything, set_rng_state, train_one_epoch)
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json, write_text
@@ -123,7 +123,7 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
         check_identity(ckpt, spec, last_path)
-        method.load_state_dict(ckpt["model"])
+        load_model_state(method, ckpt["model"], last_path)
         for opt, state in zip(method.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,0 +1,126 @@
+"""The CLI on temporary folders: the digits pipeline, repeatability, resume, and bad input."""
+import json
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_params
+from dmgcli.cli import app
+from dmgcli.params import Params, load_params
+
+runner = CliRunner()
+
+
+def dmg(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result, pattern: str):
+    assert result.exit_code != 0
+    message = result.stderr if hasattr(result, "stderr") else result.output
+    lines = [l for l in message.strip().splitlines() if l]
+    assert len(lines) == 1 and "Traceback" not in message, message
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture
+def workdir(digits_dir, tmp_path, monkeypatch):
+    """A fresh folder sharing the prepared digits file; metrics and reports land in it."""
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    shutil.copy(digits_dir / "data" / "prepared" / "digits.h5", tmp_path / "data" / "prepared")
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_help_lists_every_stage():
+    out = dmg("--help").output
+    for stage in ("download", "preprocess", "train", "evaluate", "report", "info"):
+        assert stage in out
+
+
+def test_train_evaluate_report_and_same_seed_same_metrics(workdir):
+    for run in ("a", "b"):
+        dmg("train", "--target", "rot45", "--method", "dmg", "--epochs", "2", "--out", workdir / run)
+        dmg("evaluate", "--target", "rot45", "--method", "dmg", "--run", workdir / run, "--out", workdir / f"{run}.json")
+    a, b = (json.loads((workdir / f"{r}.json").read_text()) for r in "ab")
+    assert a == b
+    assert set(a["in_domain"]) == {"average", "known_domain"}
+    assert set(a["in_domain"]["average"]["per_domain"]) == set(a["sources"]) and "rot45" not in a["sources"]
+    assert set(a["masks"]["iou"]) == {"conv3", "fc1", "fc"}
+    assert 0 <= a["out_of_domain"]["accuracy"] <= 100
+    log = (workdir / "a" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,loss") and len(log) == 3
+
+
+def test_default_paths_and_report(workdir):
+    dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "1")
+    assert (workdir / "data/runs/digits/convnet/aggregate/rot0/seed0/best.pt").exists()
+    dmg("evaluate", "--target", "rot0", "--method", "aggregate")
+    assert (workdir / "metrics/digits/convnet/aggregate/rot0/seed0.json").exists()
+    out = dmg("report").output
+    assert "Aggregate" in out and (workdir / "reports" / "digits").is_dir()
+
+
+def test_resume_continues_to_the_same_result(workdir):
+    dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "3", "--out", workdir / "full")
+    dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "1", "--out", workdir / "part")
+    dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "3", "--out", workdir / "part", "--resume")
+    full = (workdir / "full" / "log.csv").read_text().splitlines()
+    part = (workdir / "part" / "log.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(r.split(",")[:6]) for r in rows]  # drop timing columns
+    assert strip(full) == strip(part)
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(workdir):
+    dmg("train", "--target", "rot15", "--method", "aggregate", "--epochs", "1", "--out", workdir / "r")
+    result = dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "2", "--out", workdir / "r", "--resume",
+                 ok=False)
+    one_line_error(result, "method='aggregate'")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--target", "rot99"], "unknown domain 'rot99'"),
+    (["train", "--target", "rot0", "--backbone", "vgg"], "unknown backbone 'vgg'"),
+    (["train", "--target", "rot0", "--method", "erm"], "unknown method 'erm'"),
+    (["train", "--target", "rot0", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["train", "--target", "cartoon"], "prepare pacs first with `dmg download pacs && dmg preprocess pacs`"),
+    (["train", "--target", "quickdraw", "--backbone", "alexnet"], "dmg download domainnet && dmg preprocess domainnet"),
+    (["evaluate", "--target", "rot30", "--method", "dmg"], "best.pt not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(workdir, args, message):
+    one_line_error(dmg(*args, ok=False), message)
+
+
+def test_ambiguous_domain_uses_params_dataset(workdir):
+    # `sketch` is a domain of PACS and DomainNet: params.yaml's dataset (digits) decides, and it has no sketch
+    one_line_error(dmg("train", "--target", "sketch", ok=False), "unknown domain 'sketch' for dataset digits")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {lr: fast}", "train.lr must be a number"),
+    ("train: {epoch: 3}", "unknown key 'train.epoch'"),
+    ("trian: {}", "unknown key 'trian'"),
+    ("train: [1, 2", "not valid YAML"),
+    ("matrix: {seeds: [a]}", "matrix.seeds[0] must be an integer"),
+    ("train: {pretrained: 1}", "train.pretrained must be true or false"),
+])
+def test_malformed_params_name_the_key(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    one_line_error(dmg("train", "--params", tmp_path / "bad.yaml", ok=False), message)
+
+
+def test_missing_params_file_is_an_error(tmp_path):
+    one_line_error(dmg("train", "--params", tmp_path / "nope.yaml", ok=False), "not found")
+
+
+def test_params_yaml_in_repo_loads_and_matches_defaults():
+    from conftest import REPO
+    loaded = load_params(REPO / "params.yaml")
+    assert loaded == Params()
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["train"]["overlap_lambda"] == 0.1

@@ -1,0 +1,102 @@
+"""The DMG core math against hand-computed values."""
+import itertools
+
+import pytest
+import torch
+
+from dmgcli.core import (DomainMasks, apply_mask, domain_pairs, hard_iou_matrix, keep_probability, overlap_loss,
+                         soft_iou, straight_through_bernoulli)
+
+
+def test_soft_iou_of_binary_masks_is_jaccard():
+    a = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    b = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert soft_iou(a, a).item() == pytest.approx(1.0)
+    assert soft_iou(a, 1 - a).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_iou(a, b).item() == pytest.approx(1 / 3, abs=1e-6)  # |{0}| / |{0,1,2}|
+
+
+def test_soft_iou_hand_computed_soft_values():
+    a = torch.tensor([0.5, 1.0])
+    b = torch.tensor([0.5, 0.0])
+    # intersection 0.25; union (0.5 + 0.5 - 0.25) + (1 + 0 - 0) = 1.75
+    assert soft_iou(a, b).item() == pytest.approx(0.25 / 1.75, rel=1e-5)
+
+
+def test_soft_iou_symmetric_and_bounded():
+    torch.manual_seed(0)
+    p = torch.rand(50, 2, 17)
+    forward, backward = soft_iou(p[:, 0], p[:, 1]), soft_iou(p[:, 1], p[:, 0])
+    assert torch.allclose(forward, backward)
+    assert (forward >= 0).all() and (forward <= 1).all()
+
+
+def test_overlap_loss_averages_over_pairs():
+    probs = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    # pairs (0,1): 1, (0,2): 0, (1,2): 0 -> mean 1/3
+    assert overlap_loss(probs).item() == pytest.approx(1 / 3, abs=1e-6)
+    assert domain_pairs(4) == list(itertools.combinations(range(4), 2))
+    assert overlap_loss(torch.rand(1, 5)).item() == 0.0  # one domain: no pairs
+
+
+def test_hard_iou_matrix_thresholds_at_half():
+    probs = torch.tensor([[0.9, 0.6, 0.1, 0.2], [0.8, 0.4, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    iou = hard_iou_matrix(probs)
+    # binary: [1,1,0,0], [1,0,1,0], [0,0,0,0]
+    assert iou[0, 1].item() == pytest.approx(1 / 3)
+    assert iou[0, 0].item() == 1.0 and iou[2, 2].item() == 1.0  # an empty mask equals itself
+    assert iou[0, 2].item() == 0.0
+    assert torch.equal(iou, iou.T)
+
+
+def test_keep_probability_is_mean_per_domain():
+    probs = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    assert keep_probability(probs).tolist() == [0.5, 0.5]
+
+
+def test_straight_through_forward_is_binary_and_gradient_is_identity():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    probs = torch.sigmoid(logits)
+    sample = straight_through_bernoulli(probs)
+    assert set(sample.detach().unique().tolist()) <= {0.0, 1.0}
+    weights = torch.randn(4, 6)
+    (sample * weights).sum().backward()
+    expected = weights * probs.detach() * (1 - probs.detach())  # d/dlogits of sum(w * sigmoid(logits))
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_apply_mask_broadcasts_per_channel_over_space():
+    x = torch.ones(2, 3, 4, 5)
+    mask = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
+    out = apply_mask(x, mask)
+    assert out.shape == x.shape
+    assert torch.equal(out[0, 1], torch.zeros(4, 5)) and torch.equal(out[0, 2], torch.full((4, 5), 0.5))
+    assert torch.equal(out[1, 0], torch.zeros(4, 5))
+    flat = apply_mask(torch.ones(2, 3), mask)
+    assert torch.equal(flat, mask)
+
+
+def test_domain_masks_shapes_init_and_every_logit_gets_gradient():
+    torch.manual_seed(0)
+    masks = DomainMasks([8, 5], num_domains=3)
+    for logits in masks.logits:
+        assert logits.shape[0] == 3 and (logits >= 0).all() and (logits < 1).all()  # U[0, 1)
+    domains = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = sum(masks.train_mask(l, domains).sum() for l in range(len(masks))) + masks.overlap()
+    loss.backward()
+    for logits in masks.logits:
+        assert logits.grad is not None and (logits.grad != 0).all()
+
+
+def test_domain_masks_soft_and_hard_select_own_domain():
+    masks = DomainMasks([3], num_domains=2, init="constant", init_value=0.0)
+    with torch.no_grad():
+        masks.logits[0].copy_(torch.tensor([[5.0, -5.0, 5.0], [-5.0, 5.0, 0.2]]))
+    d = torch.tensor([1, 0])
+    soft = masks.soft_mask(0, d)
+    assert torch.allclose(soft, torch.sigmoid(masks.logits[0].detach())[d])
+    assert masks.hard_mask(0, d).tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    metrics = masks.metrics(["layer"], ["a", "b"])
+    assert metrics["iou"]["layer"][0][1] == pytest.approx(1 / 3)
+    assert set(metrics["keep_probability"]["layer"]) == {"a", "b"}
