@@ -38,8 +38,10 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             fail("interrupted; completed checkpoints and files are intact", 130)
         except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
-                fail("out of GPU memory; try a smaller --batch-size")
+            # torch.OutOfMemoryError, or a RuntimeError from a library that ran out (cuDNN, nvJPEG)
+            if type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
+                                                             and "out of memory" in str(exc).lower()):
+                fail("out of GPU memory; try a smaller --batch-size (or --precision bf16 if it was fp32)")
             raise
     return wrapper
 
@@ -101,19 +103,29 @@ def train(
     mask_lr: Optional[float] = typer.Option(None, help="Adam learning rate of the mask logits; default from the schedule."),
     overlap_lambda: Optional[float] = typer.Option(None, help="Weight lambda_O of the soft-IoU overlap loss (DMG)."),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="Start from ImageNet weights or from scratch."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (under torchrun: each process its own GPU)."),
+    precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (autocast) or fp32; the CPU always uses fp32."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step (CUDA)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Train one leave-one-domain-out run; keeps the best source-validation checkpoint and the last."""
+    """Train one leave-one-domain-out run; keeps the best source-validation checkpoint and the last.
+
+    Several GPUs: torchrun --nproc_per_node N -m dmgcli.cli train ... (--batch-size is the global batch).
+    """
     from stages.train import train as run
+
+    from .distributed import is_main_process
 
     params, train_params, info = params_with_train_flags(
         params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device)
+        batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
+        precision=precision, compile=compile, workers=workers)
     folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
-    typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
+    if is_main_process():
+        typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
 
 
 @app.command()
@@ -130,16 +142,22 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Out-of-domain (target test) and in-domain (source tests) accuracy of a run's best checkpoint."""
+    """Out-of-domain (target test) and in-domain (source tests) accuracy of a run's best checkpoint.
+
+    Under torchrun each process scores a share of every split; the counts are summed, rank 0 writes.
+    """
     from stages.evaluate import evaluate as run
+
+    from .distributed import is_main_process
 
     params, train_params, info = params_with_train_flags(
         params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed)
     eval_params = override(params.evaluate, average_over=average_over, device=device)
     metrics = run(info, params.data_dir, train_params, eval_params, run=run_folder, out=out)
     in_domain = metrics["in_domain"]["average"]["mean"]
-    typer.echo(f"{info.name} {train_params.backbone} {train_params.method} target {train_params.target}: "
-               f"out-of-domain {metrics['out_of_domain']['accuracy']:.2f}%  in-domain {in_domain:.2f}%")
+    if is_main_process():
+        typer.echo(f"{info.name} {train_params.backbone} {train_params.method} target {train_params.target}: "
+                   f"out-of-domain {metrics['out_of_domain']['accuracy']:.2f}%  in-domain {in_domain:.2f}%")
 
 
 @app.command()

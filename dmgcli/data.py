@@ -1,19 +1,30 @@
 """Batches from the HDF5 file: the shuffled union of source domains, and whole splits for evaluation.
 
 Batches are (x, y, d): x uint8 [B, C, H, W] on the device (augmented there), y labels [B],
-d source-domain index [B]. Raw-pixel files are held in memory; encoded files are decoded in
-DataLoader workers that open the file lazily.
+d source-domain index [B]. Three ways in, chosen by the file's encoding and the device:
+  raw pixels             held in memory on the device; a batch is one index_select.
+  JPEG, CPU              DataLoader workers read and decode whole batches.
+  JPEG, CUDA             workers read the encoded bytes of a batch (one flat pinned buffer);
+                         the main process decodes the batch on the GPU in one batched
+                         `torchvision.io.decode_jpeg(..., device="cuda")` call. CPU decoding
+                         cannot feed a GPU at 10,000+ images per second (REFERENCE.md, section 3).
+Workers open the file lazily (SplitReader), persist across epochs and prefetch batches.
+
+Under torchrun each process reads its own share (see `BatchStream.shuffled` and `.batches`).
 """
 from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import distributed
 from .h5data import SplitReader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+PREFETCH = 4  # batches each worker keeps ready
 
 
 class DomainImages(Dataset):
@@ -29,49 +40,159 @@ class DomainImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    @property
+    def encoding(self) -> str:
+        """"raw" or "jpeg" (the readers of one set come from one file)."""
+        return self.readers[0].encoding if self.readers else "raw"
+
+    def locate(self, index: int) -> tuple[SplitReader, int]:
+        """The reader holding sample `index`, and the index within its split."""
         k = int(torch.searchsorted(self.starts, index, right=True)) - 1
-        return self.readers[k].image(index - int(self.starts[k])), self.labels[index], self.domains[index]
+        return self.readers[k], index - int(self.starts[k])
+
+    def image(self, index: int) -> torch.Tensor:
+        """Sample `index` decoded: uint8 [C, H, W]."""
+        reader, i = self.locate(index)
+        return reader.image(i)
+
+    def encoded(self, index: int) -> np.ndarray:
+        """The stored JPEG bytes of sample `index`: uint8 [n_bytes]."""
+        reader, i = self.locate(index)
+        return reader.encoded(i)
+
+    def __getitem__(self, index: int):
+        return self.image(index), self.labels[index], self.domains[index]
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a function of (seed, epoch) alone, so a resumed run
-    sees exactly the batches an uninterrupted one would."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+class BatchReader(Dataset):
+    """A DomainImages set read a whole batch per item, in DataLoader workers.
+
+    Item: a list of sample indices. Returns (x uint8 [B, C, H, W], y, d), or with `encoded`
+    (JPEG files on CUDA) (flat uint8 [total bytes], sizes [B], y, d) for `decode_batch`.
+    """
+
+    def __init__(self, images: DomainImages, encoded: bool):
+        self.images, self.encoded = images, encoded
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, indices: list[int]):
+        y, d = self.images.labels[indices], self.images.domains[indices]
+        if not self.encoded:
+            return torch.stack([self.images.image(i) for i in indices]), y, d
+        parts = [self.images.encoded(i) for i in indices]
+        sizes = torch.tensor([len(p) for p in parts])
+        return torch.from_numpy(np.concatenate(parts)), sizes, y, d
+
+
+def decode_batch(flat: torch.Tensor, sizes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of JPEG files, back to back in `flat` (uint8 [total], CPU), decoded in one call.
+
+    device "cuda": nvJPEG decodes the whole batch on the GPU; "cpu": libjpeg, one after the
+    other (the same call, used by the tests). Returns uint8 [B, 3, H, W] on `device`;
+    every image of a dmg file has the same size, so the batch stacks.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    parts = list(torch.split(flat, sizes.tolist()))  # views, no copy
+    return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
+
+
+class _BatchOrder(Sampler):
+    """The batches (lists of sample indices) of the current pass, replaced before each pass,
+    so one DataLoader with persistent workers serves every epoch."""
+
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
 
 
 class BatchStream:
-    """Iterates batches of a DomainImages set, shuffled per epoch or in order."""
+    """Iterates batches of a DomainImages set: shuffled per epoch for training, in order for evaluation.
+
+    batch_size: per process. shard: this process's place among the processes that share the
+    set (default: the torchrun process group, if any). decode_on_device: decode JPEG batches
+    with `decode_batch` on the device instead of in the workers (default: on CUDA only).
+    """
 
     def __init__(self, images: DomainImages, batch_size: int, device: torch.device, workers: int = 0,
-                 in_memory: bool | None = None):
+                 in_memory: bool | None = None, shard: distributed.Dist | None = None,
+                 decode_on_device: bool | None = None):
         self.images, self.batch_size, self.device = images, batch_size, device
         self.workers = workers
-        raw = all(r.encoding == "raw" for r in images.readers)
+        self.shard = shard or distributed.current()
+        raw = images.encoding == "raw"
         self.in_memory = raw if in_memory is None else in_memory
+        if decode_on_device is None:
+            decode_on_device = device.type == "cuda"
+        self.decode_on_device = decode_on_device and not raw
         self.pixels: torch.Tensor | None = None
         if self.in_memory and len(images):
             self.pixels = torch.cat([r.all_images() for r in images.readers]).to(device)
             self.labels, self.domains = images.labels.to(device), images.domains.to(device)
+        self._order = _BatchOrder()
+        self._loader: DataLoader | None = None
+
+    def training_share(self, seed: int, epoch: int) -> torch.Tensor:
+        """This process's samples of an epoch, in order: every world-th entry of the epoch's permutation.
+
+        So the processes' t-th batches together are exactly the single-process t-th batch of
+        batch_size * world samples. The last (n mod world) entries are left out, so that every
+        process runs the same number of steps (DDP needs that).
+        """
+        perm = epoch_permutation(len(self.images), seed, epoch)
+        world = self.shard.world
+        perm = perm[: len(perm) - len(perm) % world]
+        return perm[self.shard.rank::world]
+
+    def evaluation_share(self) -> torch.Tensor:
+        """This process's samples for evaluation: every sample of the set exactly once over all processes."""
+        return torch.arange(len(self.images))[self.shard.rank::self.shard.world]
 
     def __len__(self) -> int:
-        return (len(self.images) + self.batch_size - 1) // self.batch_size
+        """Training batches per epoch of this process."""
+        n = len(self.images) // self.shard.world
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def shuffled(self, seed: int, epoch: int) -> Iterator[Batch]:
+        return self.batches(self.training_share(seed, epoch))
 
     def batches(self, order: torch.Tensor | None = None) -> Iterator[Batch]:
-        order = torch.arange(len(self.images)) if order is None else order
+        """Batches of the samples in `order` (default: this process's evaluation share)."""
+        order = self.evaluation_share() if order is None else order
         if self.pixels is not None:
             order = order.to(self.device)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 yield self.pixels[idx], self.labels[idx], self.domains[idx]
             return
-        chunks = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        loader = DataLoader(self.images, batch_sampler=chunks, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if self.workers else None)
-        for x, y, d in loader:
-            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                   d.to(self.device, non_blocking=True))
+        self._order.chunks = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        for item in self.loader():
+            if self.decode_on_device:
+                flat, sizes, y, d = item
+                x = decode_batch(flat, sizes, self.device)
+            else:
+                x, y, d = item
+                x = x.to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True), d.to(self.device, non_blocking=True)
 
-    def shuffled(self, seed: int, epoch: int) -> Iterator[Batch]:
-        return self.batches(epoch_permutation(len(self.images), seed, epoch))
+    def loader(self) -> DataLoader:
+        """The DataLoader of this stream, made once: its workers live as long as the stream."""
+        if self._loader is None:
+            self._loader = DataLoader(BatchReader(self.images, encoded=self.decode_on_device), batch_size=None,
+                                      sampler=self._order, num_workers=self.workers,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                                      prefetch_factor=PREFETCH if self.workers else None)
+        return self._loader
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a function of (seed, epoch) alone, so a resumed run
+    sees exactly the batches an uninterrupted one would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

@@ -1,4 +1,9 @@
-"""The one training loop that drives every method, accuracy evaluation, and checkpoints."""
+"""The one training loop that drives every method, accuracy evaluation, and checkpoints.
+
+On CUDA a method runs with bf16 autocast (or fp32), channels_last weights and inputs, fused
+Adam, and optionally a compiled training step; on the CPU it runs exactly as written (fp32,
+default layout), so CPU results do not depend on this module's GPU settings.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,16 +11,21 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .data import BatchStream
 from .errors import DmgError
 from .fileio import atomic_path
 from .methods import Method
 from .params import Schedule
+
+PRECISIONS = ("bf16", "fp32")
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,9 +47,72 @@ def seed_everything(seed: int) -> None:
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
     """bf16 autocast on CUDA; plain fp32 on the CPU (bf16 there is slower and changes results)."""
+    if precision not in PRECISIONS:
+        raise DmgError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if device.type == "cuda" and precision == "bf16":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def place(method: Method, device: torch.device, precision: str = "bf16") -> Method:
+    """Move a freshly built method to its device and set it up to run fast there.
+
+    CUDA: bf16 autocast (unless fp32), channels_last weights (tensor-core convolutions want
+    NHWC), fused Adam, cuDNN autotuning. CPU: only the move. Call before the first step and
+    before a scheduler is attached (the optimizers are rebuilt).
+    """
+    method.to(device)
+    method.autocast = autocast_for(device, precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        method.to(memory_format=torch.channels_last)  # 4-d conv weights only; the rest is unchanged
+        fuse_optimizers(method)
+    return method
+
+
+def fuse_optimizers(method: Method) -> None:
+    """Rebuild each Adam/AdamW with fused=True (one kernel per step for all parameters), same settings."""
+    fused = []
+    for opt in method.optimizers:
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and not opt.state:
+            groups = [{**g, "fused": True, "foreach": None} for g in opt.param_groups]
+            opt = type(opt)(groups, **{**opt.defaults, "fused": True, "foreach": None})
+        fused.append(opt)
+    method.optimizers = fused
+
+
+def training_objective(method: Method, device: torch.device, compile: bool = False) -> Objective:
+    """What the training step calls for the loss: the method's objective, wrapped in DDP under
+    torchrun (gradients averaged over processes), and compiled when asked."""
+    objective: Objective = method.objective
+    if distributed.current().world > 1:
+        objective = distributed.data_parallel(method, device)
+    if compile:
+        objective = torch.compile(objective)
+    return objective
+
+
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """Augmented images in the layout the model runs fastest with: channels_last on CUDA."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
+
+
+def train_step(method: Method, objective: Objective, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict:
+    """One optimisation step: Method.update's steps, with the loss from `objective` (possibly DDP/compiled)."""
+    with method.autocast():
+        loss, stats = objective(x, y, d)
+    for opt in method.optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in method.optimizers:
+        opt.step()
+    return {"loss": loss.detach(), **stats}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation failure, whichever way torch reports it."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
@@ -66,41 +139,65 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+PROGRESS_EVERY = 20  # steps between progress-bar updates; each one waits for the GPU (.item())
+
+
 def train_one_epoch(method: Method, stream: BatchStream, augment, seed: int, epoch: int,
-                    scheduler=None, step_scheduler: bool = False, desc: str = "") -> EpochStats:
-    """One pass over the shuffled sources. Returns the mean loss and the throughput."""
+                    scheduler=None, step_scheduler: bool = False, desc: str = "",
+                    objective: Objective | None = None, progress: bool = True) -> EpochStats:
+    """One pass over the shuffled sources. Returns the mean loss and the throughput, over all processes."""
     method.train()
+    objective = objective or method.objective
     totals: dict[str, torch.Tensor] = {}
     images, start = 0, time.perf_counter()
-    bar = tqdm(stream.shuffled(seed, epoch), total=len(stream), desc=desc, leave=False, dynamic_ncols=True,
-               disable=None)
-    for x, y, d in bar:
-        stats = method.update(augment(x), y, d)
+    world = stream.shard.world
+    bar = tqdm(total=len(stream), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
+    for step, (x, y, d) in enumerate(stream.shuffled(seed, epoch)):
+        stats = train_step(method, objective, model_input(augment(x)), y, d)
         if step_scheduler:
             scheduler.step()
         for k, v in stats.items():
-            totals[k] = totals.get(k, 0) + v * len(y)
-        images += len(y)
-        if bar.n % 10 == 0:
+            totals[k] = totals.get(k, 0) + v.float() * len(y)  # stays on the device: no wait for the GPU
+        images += len(y) * world
+        bar.update()
+        if not bar.disable and step % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{stats['loss'].item():.3f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
-    means = {k: float(v) / max(images, 1) for k, v in totals.items()}
+    bar.close()
+    names = sorted(totals)
+    sums = distributed.all_sum(torch.stack([totals[k] for k in names])) if names else torch.zeros(0)
+    means = {k: float(v) / max(images, 1) for k, v in zip(names, sums.tolist())}  # waits for the last step
+    seconds = time.perf_counter() - start
     loss = means.pop("loss", math.nan)
     if not math.isfinite(loss):
         raise DmgError(f"training diverged at epoch {epoch + 1} (loss {loss}); try a lower learning rate")
-    return EpochStats(loss, images, time.perf_counter() - start, means)
+    return EpochStats(loss, images, seconds, means)
 
 
 @torch.no_grad()
-def accuracy(method: Method, stream: BatchStream, augment, mode: str) -> float:
-    """Top-1 accuracy in percent over a whole split, in prediction `mode`."""
+def correct_counts(method: Method, stream: BatchStream, augment, mode: str, groups: int) -> tuple[list, list]:
+    """Correct predictions and samples per domain index over a whole split, in prediction `mode`.
+
+    Each process scores its share of the split; the counts are summed over processes, so every
+    sample counts exactly once. groups: number of domain indices in the stream.
+    """
     method.eval()
-    correct, total = 0, 0
+    correct = torch.zeros(groups, dtype=torch.long, device=stream.device)
+    total = torch.zeros(groups, dtype=torch.long, device=stream.device)
     for x, y, d in stream.batches():
         with method.autocast():
-            scores = method.predict(augment(x), mode=mode, domains=d)
-        correct += int((scores.argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / max(total, 1)
+            scores = method.predict(model_input(augment(x)), mode=mode, domains=d)
+        correct.index_add_(0, d, (scores.argmax(-1) == y).long())
+        total.index_add_(0, d, torch.ones_like(d))
+    if stream.shard.world > 1:
+        correct, total = distributed.all_sum(correct), distributed.all_sum(total)
+    return correct.tolist(), total.tolist()
+
+
+def accuracy(method: Method, stream: BatchStream, augment, mode: str) -> float:
+    """Top-1 accuracy in percent over a whole split, in prediction `mode`."""
+    correct, total = correct_counts(method, stream, augment, mode, groups=int(stream.images.domains.max()) + 1
+                                    if len(stream.images) else 1)
+    return 100.0 * sum(correct) / max(sum(total), 1)
 
 
 def save_checkpoint(path, payload: dict) -> None:
@@ -130,7 +227,11 @@ def load_model_state(module: torch.nn.Module, state: dict, path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": None}
+    """This process's random generators (python, numpy, torch, CUDA), as tensors and plain data
+    (what a weights_only checkpoint can hold)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": key.tolist(), "numpy_pos": int(pos),
+             "numpy_gauss": [int(has_gauss), float(gauss)], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -138,6 +239,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    has_gauss, gauss = state.get("numpy_gauss", [0, 0.0])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state.get("numpy_pos", 0),
+                         has_gauss, gauss))
+    if state.get("python") is not None:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -87,7 +87,9 @@ class TrainParams:
     batch_size: int = 64
     epochs: Optional[int] = None  # None: the dataset schedule's epochs
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    workers: int = 2  # DataLoader workers for encoded images
+    workers: int = 2  # DataLoader workers for encoded images (on CUDA they only read bytes; decoding is on the GPU)
+    precision: str = "bf16"  # CUDA: bf16 autocast or fp32; the CPU always computes in fp32
+    compile: bool = False  # torch.compile the training step (CUDA; costs a minute or more at the start)
     schedules: dict[str, Schedule] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
 
 

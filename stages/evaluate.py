@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from dmgcli import augment as aug
+from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import accuracy, autocast_for, load_checkpoint, load_model_state, resolve_device
+from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
 from dmgcli.fileio import read_json, write_json
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
@@ -52,37 +53,53 @@ def keep_histograms(method: DMG, sources: list[str]) -> dict:
 
 def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, params: EvaluateParams,
              run: str | Path | None = None, out: str | Path | None = None, metrics_dir: str | Path = "metrics") -> dict:
-    """Evaluate the best checkpoint of a run; writes and returns the metrics."""
+    """Evaluate the best checkpoint of a run; writes and returns the metrics.
+
+    Under torchrun each process scores its share of every split and the counts are summed,
+    so each sample counts once; rank 0 writes the file.
+    """
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, train_params, params.average_over)
     folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
                                            train_params.target, train_params.seed)
     ckpt = load_checkpoint(folder / "best.pt")
     check_identity(ckpt, spec, folder / "best.pt")
-    device = resolve_device(params.device)
+    with distributed.session(resolve_device(params.device)) as (proc, device):
+        metrics = _evaluate(info, h5, spec, ckpt, folder, train_params, params, device)
+        path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
+                                                  train_params.seed)
+        if proc.is_main:
+            write_json(path, metrics)
+    return metrics
+
+
+def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train_params: TrainParams,
+              params: EvaluateParams, device: torch.device) -> dict:
     # Rebuild the network as it was trained (mask points etc. from the checkpoint), not as params say now.
     config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over, "pretrained": False})
-    method = build_method(spec.method, config).to(device)
+    method = place(build_method(spec.method, config), device, train_params.precision)
     load_model_state(method, ckpt["model"], folder / "best.pt")
-    method.autocast = autocast_for(device)
     _, eval_aug = aug.get_augmentation(info.augmentation)
 
-    def split_accuracy(domain: str, domain_id: int, mode: str) -> float:
-        stream = BatchStream(DomainImages([SplitReader(h5, domain, "test")], [domain_id]), params.batch_size, device,
-                             train_params.workers)
-        return accuracy(method, stream, eval_aug, mode)
+    def stream(domains) -> BatchStream:
+        """The test splits of `domains`; each sample carries its domain's position in `domains`."""
+        images = DomainImages([SplitReader(h5, d, "test") for d in domains], list(range(len(domains))))
+        return BatchStream(images, params.batch_size, device, train_params.workers)
 
+    # The target's domain index is irrelevant in "average" mode; 0 is a placeholder.
+    target_correct, target_total = correct_counts(method, stream([spec.target]), eval_aug, "average", 1)
+    sources = stream(spec.sources)
     modes = ["average"] + (["known_domain"] if isinstance(method, (DMG, MultiHead)) else [])
     in_domain = {}
     for mode in modes:
-        per_domain = {d: split_accuracy(d, k, mode) for k, d in enumerate(spec.sources)}
+        correct, total = correct_counts(method, sources, eval_aug, mode, len(spec.sources))
+        per_domain = {d: 100.0 * c / max(t, 1) for d, c, t in zip(spec.sources, correct, total)}
         in_domain[mode] = {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain)}
     best = read_json(folder / "run.json")["best"] if (folder / "run.json").exists() else {}
     metrics = {
         "dataset": info.name, "backbone": config.backbone, "method": spec.method, "target": spec.target,
         "seed": train_params.seed, "sources": list(spec.sources),
-        # The target's domain index is irrelevant in "average" mode; 0 is a placeholder.
-        "out_of_domain": {"accuracy": split_accuracy(spec.target, 0, "average"), "mode": "average"},
+        "out_of_domain": {"accuracy": 100.0 * target_correct[0] / max(target_total[0], 1), "mode": "average"},
         "in_domain": in_domain,
         "selection": {"best_epoch": best.get("epoch"), "val_accuracy": best.get("val_accuracy")},
     }
@@ -90,7 +107,4 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
         metrics["masks"] = {"points": list(method.mask_points),
                             **method.masks.metrics(list(method.mask_points), list(spec.sources)),
                             "keep_probability_histogram": keep_histograms(method, list(spec.sources))}
-    path = Path(out) if out else metrics_path(metrics_dir, info.name, config.backbone, spec.method, spec.target,
-                                              train_params.seed)
-    write_json(path, metrics)
     return metrics

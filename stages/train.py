@@ -2,9 +2,13 @@
 
 Trains on every domain but the target, selects the epoch with the best mean
 source-validation accuracy (the target is never looked at), and writes into the run folder:
-  best.pt, last.pt   checkpoints (last.pt after every epoch, atomically; --resume continues it)
+  best.pt, last.pt   checkpoints (last.pt after every epoch, atomically; --resume continues it):
+                     model with masks, optimizers, scheduler, every process's RNG state, epoch
   log.csv            one row per epoch: loss terms, source-validation accuracy, lr, img/s
   run.json           what was trained: dataset, domains, method config, schedule, best epoch
+A killed run resumed with --resume ends exactly as an uninterrupted one would (on the CPU,
+same seed): the epoch's sample order is a function of seed and epoch, the RNG states are restored.
+Under torchrun (dmgcli/distributed.py) every process trains; rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from pathlib import Path
 import torch
 
 from dmgcli import augment as aug
+from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import (accuracy, autocast_for, load_checkpoint, load_model_state, make_scheduler, resolve_device, rng_state,
-                           save_checkpoint, seed_everything, set_rng_state, train_one_epoch)
+from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
+                           resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                           train_one_epoch, training_objective)
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json, write_text
 from dmgcli.h5data import SplitReader, read_info
@@ -74,17 +80,25 @@ def check_identity(checkpoint: dict, spec: RunSpec, path: Path) -> None:
                            f"use another output folder or drop --resume")
 
 
-def source_streams(h5: Path, sources: tuple[str, ...], split: str, batch_size: int, device, workers: int):
+def per_process_batch(batch_size: int, world: int) -> int:
+    """train.batch_size is the global batch; under torchrun each process takes an equal part."""
+    if batch_size % world:
+        raise DmgError(f"train.batch_size {batch_size} does not split evenly over {world} processes; "
+                       f"use a multiple of {world}")
+    return batch_size // world
+
+
+def source_stream(h5: Path, sources: tuple[str, ...], split: str, batch_size: int, device, workers: int) -> BatchStream:
+    """The sources' `split` as one stream; each sample carries its source's index (0..D-1)."""
     readers = [SplitReader(h5, d, split) for d in sources]
-    return readers, BatchStream(DomainImages(readers, list(range(len(sources)))), batch_size, device, workers)
+    return BatchStream(DomainImages(readers, list(range(len(sources)))), batch_size, device, workers)
 
 
-def validate(method: Method, h5: Path, spec: RunSpec, batch_size: int, device, workers: int, augment) -> dict:
+def validate(method: Method, stream: BatchStream, spec: RunSpec, augment) -> dict:
     """Accuracy on each source's validation split in the method's validation mode, and their mean."""
-    per_domain = {}
-    for k, domain in enumerate(spec.sources):
-        stream = BatchStream(DomainImages([SplitReader(h5, domain, "val")], [k]), batch_size, device, workers)
-        per_domain[domain] = accuracy(method, stream, augment, method.validation_mode)
+    distributed.sync_buffers(method)  # every process scores with rank 0's BatchNorm statistics
+    correct, total = correct_counts(method, stream, augment, method.validation_mode, len(spec.sources))
+    per_domain = {d: 100.0 * c / max(t, 1) for d, c, t in zip(spec.sources, correct, total)}
     return {"mean": sum(per_domain.values()) / len(per_domain), "per_domain": per_domain}
 
 
@@ -99,65 +113,110 @@ def write_log(path: Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+RANK_SEED_STRIDE = 1_000_003  # process r > 0 draws its crops and mask samples from seed + r * stride
+
+
+def seed_process(seed: int, proc: distributed.Dist) -> None:
+    """Give each process its own random stream for augmentation and mask sampling (rank 0
+    keeps the single-process stream, so one process under torchrun equals a plain run)."""
+    if proc.rank > 0:
+        seed_everything(seed + RANK_SEED_STRIDE * proc.rank)
+
+
+def restore(path: Path, spec: RunSpec, method: Method, scheduler, proc: distributed.Dist, seed: int) -> dict:
+    """Load last.pt into the method, its optimizers and scheduler, and this process's random state."""
+    ckpt = load_checkpoint(path)
+    check_identity(ckpt, spec, path)
+    load_model_state(method, ckpt["model"], path)
+    for opt, state in zip(method.optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per process
+    if len(states) == proc.world:
+        set_rng_state(states[proc.rank])
+    else:
+        if proc.is_main:
+            print(f"note: {path} was written by {len(states)} processes, resumed with {proc.world}: random streams "
+                  f"re-seeded, so the run will not repeat an uninterrupted one exactly", flush=True)
+        seed_everything(hash((seed, ckpt["epoch"], proc.rank)) % 2**32)
+    return ckpt
+
+
 def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir: str | Path | None = None,
           resume: bool = False, quiet: bool = False) -> Path:
-    """Train one run; returns its folder (best.pt, last.pt, log.csv, run.json)."""
+    """Train one run; returns its folder (best.pt, last.pt, log.csv, run.json).
+
+    Under torchrun every process calls this; only rank 0 writes files and prints.
+    """
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, params)
     out = Path(out_dir) if out_dir else run_dir(data_dir, info.name, params.backbone, params.method, params.target,
                                                  params.seed)
-    device = resolve_device(params.device)
+    autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
+    with distributed.session(resolve_device(params.device)) as (proc, device):
+        return _train(info, h5, spec, params, out, device, proc, resume, quiet)
+
+
+def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out: Path, device: torch.device,
+           proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
     schedule = params.schedules[info.name]
     epochs = params.epochs if params.epochs is not None else (
         schedule.epochs if params.method == "dmg" else schedule.baseline_epochs)
+    batch_size = per_process_batch(params.batch_size, proc.world)
 
     seed_everything(params.seed)
-    method = build_method(params.method, spec.config).to(device)
-    method.autocast = autocast_for(device)
+    method = place(build_method(params.method, spec.config), device, params.precision)
+    seed_process(params.seed, proc)
     scheduler, scheduler_unit = make_scheduler(method.optimizers[0], schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
-    _, train_stream = source_streams(h5, spec.sources, "train", params.batch_size, device, params.workers)
+    train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers)
+    val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers)
 
     start_epoch, best, rows = 0, {"epoch": -1, "val_accuracy": -1.0}, []
     last_path = out / "last.pt"
     if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        check_identity(ckpt, spec, last_path)
-        load_model_state(method, ckpt["model"], last_path)
-        for opt, state in zip(method.optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        ckpt = restore(last_path, spec, method, scheduler, proc, params.seed)
         start_epoch, best, rows = ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
-    out.mkdir(parents=True, exist_ok=True)
+    objective = training_objective(method, device, params.compile)  # after loading: DDP broadcasts rank 0's weights
+    if proc.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     for epoch in range(start_epoch, epochs):
         stats = train_one_epoch(method, train_stream, train_aug, params.seed, epoch, scheduler,
-                                step_scheduler=scheduler_unit == "step", desc=f"epoch {epoch + 1}/{epochs}")
+                                step_scheduler=scheduler_unit == "step", desc=f"epoch {epoch + 1}/{epochs}",
+                                objective=objective, progress=proc.is_main)
         lr = method.optimizers[0].param_groups[0]["lr"]
         if scheduler_unit == "epoch":
             scheduler.step()
-        val = validate(method, h5, spec, params.batch_size * 4, device, params.workers, eval_aug)
+        val = validate(method, val_stream, spec, eval_aug)
         row = {"epoch": epoch + 1, "loss": stats.loss, "ce": stats.extra.get("ce", stats.loss),
                "overlap": stats.extra.get("overlap", 0.0), "val_accuracy": val["mean"], "lr": lr,
                "images_per_second": stats.images_per_second, "seconds": stats.seconds}
         rows.append(row)
+        improved = val["mean"] > best["val_accuracy"]
+        if improved:
+            best = {"epoch": epoch + 1, "val_accuracy": val["mean"], "val_per_domain": val["per_domain"]}
+        rng = distributed.gather_objects(rng_state())  # every process's, so a resume repeats each stream
+        if not proc.is_main:
+            continue
         if not quiet:
             print(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  source-val {val['mean']:.2f}%  "
                   f"{stats.images_per_second:.0f} img/s", flush=True)
         payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict()}
-        if val["mean"] > best["val_accuracy"]:
-            best = {"epoch": epoch + 1, "val_accuracy": val["mean"], "val_per_domain": val["per_domain"]}
+        if improved:
             save_checkpoint(out / "best.pt", {**payload, "epoch": epoch})
         save_checkpoint(last_path, {**payload, "epoch": epoch, "best": best, "log": rows,
                                     "optimizers": [o.state_dict() for o in method.optimizers],
-                                    "scheduler": scheduler.state_dict(), "rng": rng_state()})
+                                    "scheduler": scheduler.state_dict(), "rng": rng})
         write_log(out / "log.csv", rows)
 
-    if not (out / "best.pt").exists():
+    if best["epoch"] < 0:
         raise DmgError(f"no epoch was trained (epochs={epochs}); nothing to select")
-    write_json(out / "run.json", {**spec.identity(), "seed": params.seed, "epochs": epochs, "best": best,
-                                  "config": dataclasses.asdict(spec.config),
-                                  "schedule": dataclasses.asdict(schedule), "device": str(device),
-                                  "torch": torch.__version__})
+    if proc.is_main:
+        write_json(out / "run.json", {**spec.identity(), "seed": params.seed, "epochs": epochs, "best": best,
+                                      "config": dataclasses.asdict(spec.config),
+                                      "schedule": dataclasses.asdict(schedule), "device": str(device),
+                                      "processes": proc.world, "batch_size": params.batch_size,
+                                      "precision": params.precision if device.type == "cuda" else "fp32",
+                                      "torch": torch.__version__})
     return out
