@@ -136,7 +136,7 @@ def evaluate(
     backbone: Optional[str] = typer.Option(None, help="Backbone of the run."),
     method: Optional[str] = typer.Option(None, help="Method of the run."),
     seed: Optional[int] = typer.Option(None, help="Seed of the run."),
-    run_folder: Optional[Path] = typer.Option(None, "--run", help="Run folder; default from the flags above."),
+    run_folder: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder; default from the flags above (under torchrun write --run-dir: torchrun reads --run as its own --run-path)."),
     out: Optional[Path] = typer.Option(None, help="Metrics JSON; default metrics/<dataset>/<backbone>/<method>/<target>/seed<seed>.json."),
     average_over: Optional[str] = typer.Option(None, help="Average per-domain outputs over logits (reference) or probs."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
