@@ -5,7 +5,7 @@ Real datasets land in one layout, whatever the source looked like:
   data/raw/<dataset>/images/<domain>/<class>/<file>   paths of the split lists are relative to images/
   data/raw/<dataset>/splits/...                       the split lists
   data/raw/<dataset>/MANIFEST.json                    sha256 of every file above and of each archive
-  data/raw/<dataset>/downloads/                       transfers in progress (`.part`); emptied on success
+  data/raw/<dataset>/downloads/                       transfers in progress (`.part`); removed on success
 
 Each part (PACS: images, split lists; DomainNet: each domain, each list) is fetched only if
 it is not already present and verified against MANIFEST.json, so a second run does nothing
@@ -107,6 +107,8 @@ def discard_download(path: Path, out_dir: Path) -> None:
     file given with --from is never touched)."""
     if path.parent == out_dir / "downloads":
         path.unlink(missing_ok=True)
+        if not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 # --------------------------------------------------------------------------- PACS
@@ -168,13 +170,12 @@ def pacs_archive(out_dir: Path, params: DownloadParams) -> Path:
     """The zip or folder to take PACS from: --from, a finished download, or Google Drive."""
     if params.source and not is_url(params.source):
         return local_source(params.source)
-    if params.source:
-        name = url_basename(params.source)
-        hint = f"fetch {params.source} by hand and run `dmg download pacs --from PATH/{name}`"
-        return download_url(params.source, out_dir / "downloads" / name, params.retries, params.timeout, hint)
-    dest = out_dir / "downloads" / PACS_ARCHIVE
+    dest = out_dir / "downloads" / (url_basename(params.source) if params.source else PACS_ARCHIVE)
     if dest.exists():  # a download that finished earlier, or a file put there by hand
         return dest
+    if params.source:
+        hint = f"fetch {params.source} by hand and run `dmg download pacs --from PATH/{dest.name}` (or save it as {dest})"
+        return download_url(params.source, dest, params.retries, params.timeout, hint)
     hint = (f"fetch https://drive.google.com/uc?id={PACS_DRIVE_ID} by hand and run "
             f"`dmg download pacs --from PATH/{PACS_ARCHIVE}` (or save it as {dest})")
     return download_gdrive(PACS_DRIVE_ID, dest, params.retries, params.timeout, hint)

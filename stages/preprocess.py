@@ -15,6 +15,7 @@ and of the parameters; a re-run with the same fingerprint does nothing.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -239,7 +240,8 @@ def train_val(domain: str, index: int, official: list | None, tv_train: list | N
     """One domain's train and val entries, and a note saying where they came from."""
     missing = f"splits/official/{domain}_train.txt not found: run `dmg download domainnet`"
     if params.val_split == "seeded":
-        base = official if official is not None else (tv_train + tv_val if tv_train and tv_val else None)
+        both = tv_train is not None and tv_val is not None
+        base = official if official is not None else (tv_train + tv_val if both else None)
         if base is None:
             raise DmgError(missing)
         train, val = seeded_split(base, params.seed, params.val_fraction, index)
@@ -365,7 +367,10 @@ def make_pool(workers: int):
     if workers <= 1:
         return None
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+    gc.freeze()  # the children's GC leaves the parent's objects (lists, manifest) alone, so they stay shared
+    pool = multiprocessing.get_context(method).Pool(workers)
+    gc.unfreeze()
+    return pool
 
 
 def _run_batch(fn: Callable, items: list) -> list:
