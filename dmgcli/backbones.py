@@ -136,11 +136,11 @@ def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | N
 
     layers = [
         ("normalize", Normalize()),
-        ("conv1", block(3, 32)), ("pool1", nn.MaxPool2d(2)),
-        ("conv2", block(32, 64)), ("pool2", nn.MaxPool2d(2)),
-        ("conv3", block(64, 128)), ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
-        ("fc1", nn.Linear(128, 512)), ("relu", nn.ReLU(inplace=True)),
-        ("fc", nn.Linear(512, num_classes)),
+        ("conv1", block(3, 16)), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", block(16, 32)), ("pool2", nn.MaxPool2d(2)),
+        ("conv3", block(32, 64)), ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
+        ("fc1", nn.Linear(64, 256)), ("relu", nn.ReLU(inplace=True)),
+        ("fc", nn.Linear(256, num_classes)),
     ]
     return Backbone(layers, default_mask_points=("conv3", "fc1", "fc"))
 
