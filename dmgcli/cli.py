@@ -162,6 +162,40 @@ def evaluate(
 
 @app.command()
 @handle_errors
+def bench(
+    backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet; default resnet50 on CUDA, resnet18 on the CPU."),
+    method: str = typer.Option("dmg", help="aggregate, multihead or dmg."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch; default 64 on CUDA, 8 on the CPU."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps of each kind; default 100 on CUDA, 4 on the CPU."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed steps first; default 20 on CUDA, 1 on the CPU."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Evaluation batch; default 256 on CUDA, 16 on the CPU."),
+    eval_steps: Optional[int] = typer.Option(None, help="Timed evaluation batches; default 20 on CUDA, 2 on the CPU."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading the file; default min(8, cores) on CUDA, 2 on the CPU."),
+    domains: Optional[int] = typer.Option(None, help="Source domains (masks or heads); default 5, as DomainNet."),
+    classes: Optional[int] = typer.Option(None, help="Classes; default 345, as DomainNet."),
+    augmentation: Optional[str] = typer.Option(None, help="pacs (crop, flip, colour jitter; default), domainnet or none."),
+    precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (default) or fp32."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the method's training step."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results JSON."),
+):
+    """Training img/s end to end from an HDF5 file of 256 px JPEGs against the same model's plain
+    step on device tensors (the ceiling), the input path's share of step time, and evaluation img/s.
+
+    Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
+    """
+    from stages.bench import report as describe
+    from stages.bench import run
+
+    results = run(device, method, out, progress=lambda line: typer.echo(line, err=True), backbone=backbone,
+                  batch_size=batch_size, steps=steps, warmup=warmup, eval_batch_size=eval_batch_size,
+                  eval_steps=eval_steps, workers=workers, domains=domains, classes=classes,
+                  augmentation=augmentation, precision=precision, compile=compile)
+    typer.echo(describe(results))
+
+
+@app.command()
+@handle_errors
 def report(
     table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
     dataset: Optional[str] = typer.Option(None, help="Dataset whose runs to report (without --table); default params.yaml's."),

@@ -1,0 +1,66 @@
+"""`dmg bench` on the CPU: the synthetic file, the figures and the JSON they are written to."""
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dmgcli.cli import app
+from dmgcli.h5data import SplitReader, read_info
+from stages.bench import write_synthetic_file
+
+
+def test_synthetic_file_holds_realistic_jpegs(tmp_path):
+    mean_bytes = write_synthetic_file(tmp_path / "b.h5", n=12, domains=3, classes=7)
+    info = read_info(tmp_path / "b.h5")
+    assert info.encoding == "jpeg" and (info.height, info.width) == (256, 256) and info.domains == ("d0", "d1", "d2")
+    readers = [SplitReader(tmp_path / "b.h5", d, "train") for d in info.domains]
+    assert [len(r) for r in readers] == [4, 4, 4]
+    image = readers[1].image(2)
+    assert image.shape == (3, 256, 256) and image.float().std() > 10  # not a flat colour
+    assert 5_000 < mean_bytes < 40_000  # real 256 px photos at q90: about 14 KB
+
+
+def run_bench(*args):
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def only_json(folder):
+    files = list(folder.glob("bench-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_bench_on_the_cpu_reports_every_figure(tmp_path):
+    result = run_bench("--backbone", "convnet", "--method", "dmg", "--batch-size", 4, "--steps", 2, "--warmup", 1,
+                       "--eval-batch-size", 4, "--eval-steps", 1, "--domains", 3, "--classes", 7, "--workers", 1,
+                       "--out", tmp_path)
+    data = only_json(tmp_path)
+    assert data["settings"]["backbone"] == "convnet" and data["settings"]["steps"] == 2
+    assert data["device"] == "cpu" and data["torch"] == torch.__version__ and data["cpu_count"] >= 1
+    for key in ("end_to_end_img_s", "method_step_img_s", "plain_step_img_s", "eval_img_s", "plain_eval_img_s"):
+        assert data[key] > 0, key
+    assert data["end_to_end_vs_plain"] == pytest.approx(data["end_to_end_img_s"] / data["plain_step_img_s"])
+    assert 0 <= data["data_share"] < 1 and 0 <= data["loader_wait_share"] < 1
+    assert "end to end / plain" in result.stdout and "img/s" in result.stdout
+
+
+def test_bench_rejects_bad_settings(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--steps", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "must be positive" in result.output
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--backbone", "vgg", "--steps", "1",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "unknown backbone 'vgg'" in result.output
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_bench_defaults_on_the_cpu_take_about_a_minute(tmp_path):
+    start = time.monotonic()
+    run_bench("--out", tmp_path)
+    assert time.monotonic() - start < 180  # about a minute on 2 idle cores; slack for a busy machine
+    data = only_json(tmp_path)
+    assert data["settings"]["backbone"] == "resnet18" and data["settings"]["batch_size"] == 8
