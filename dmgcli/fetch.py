@@ -259,20 +259,24 @@ def _range_total(content_range: str) -> int | None:
         return None
 
 
-def download_gdrive(file_id: str, dest: Path, retries: int = 3, timeout: float = 60.0, hint: str = "") -> Path:
-    """Download a Google Drive file by id with gdown (which resumes and retries itself)."""
+def is_gdrive(text: str) -> bool:
+    return is_url(text) and urlparse(text).netloc in ("drive.google.com", "docs.google.com")
+
+
+def download_gdrive(source: str, dest: Path, retries: int = 3, timeout: float = 60.0, hint: str = "") -> Path:
+    """Download a Google Drive file (an id or a Drive URL) with gdown, which resumes and retries itself."""
     import gdown
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    where = {"url": source} if is_url(source) else {"id": source}
     try:
-        out = gdown.download(id=file_id, output=str(dest), quiet=False, resume=True, retries=retries,
-                             timeout=timeout)
+        out = gdown.download(**where, output=str(dest), quiet=False, resume=True, retries=retries, timeout=timeout)
     except Exception as exc:  # gdown raises its own, requests' and OS errors alike
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DmgError(f"could not download {dest.name} from Google Drive (id {file_id}; "
+        raise DmgError(f"could not download {dest.name} from Google Drive ({source}; "
                        f"{type(exc).__name__}: {first}); {hint}".rstrip("; ")) from None
     if not out or not dest.exists():
-        raise DmgError(f"could not download {dest.name} from Google Drive (id {file_id}); {hint}".rstrip("; "))
+        raise DmgError(f"could not download {dest.name} from Google Drive ({source}); {hint}".rstrip("; "))
     return dest
 
 

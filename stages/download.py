@@ -19,7 +19,7 @@ from pathlib import Path
 from dmgcli.datasets import get_dataset, raw_dir
 from dmgcli.errors import DmgError
 from dmgcli.fetch import (Manifest, copy_file, copy_tree, download_gdrive, download_url, find_files, find_folder,
-                          is_url, replace_dir, safe_extract, sha256_file, staging, subtree, url_basename)
+                          is_gdrive, is_url, replace_dir, safe_extract, sha256_file, staging, subtree, url_basename)
 from dmgcli.params import DownloadParams
 
 
@@ -170,15 +170,14 @@ def pacs_archive(out_dir: Path, params: DownloadParams) -> Path:
     """The zip or folder to take PACS from: --from, a finished download, or Google Drive."""
     if params.source and not is_url(params.source):
         return local_source(params.source)
-    dest = out_dir / "downloads" / (url_basename(params.source) if params.source else PACS_ARCHIVE)
+    source = params.source or f"https://drive.google.com/uc?id={PACS_DRIVE_ID}"
+    dest = out_dir / "downloads" / (PACS_ARCHIVE if is_gdrive(source) else url_basename(source))
     if dest.exists():  # a download that finished earlier, or a file put there by hand
         return dest
-    if params.source:
-        hint = f"fetch {params.source} by hand and run `dmg download pacs --from PATH/{dest.name}` (or save it as {dest})"
-        return download_url(params.source, dest, params.retries, params.timeout, hint)
-    hint = (f"fetch https://drive.google.com/uc?id={PACS_DRIVE_ID} by hand and run "
-            f"`dmg download pacs --from PATH/{PACS_ARCHIVE}` (or save it as {dest})")
-    return download_gdrive(PACS_DRIVE_ID, dest, params.retries, params.timeout, hint)
+    hint = f"fetch {source} by hand and run `dmg download pacs --from PATH/{dest.name}` (or save it as {dest})"
+    if is_gdrive(source):
+        return download_gdrive(source, dest, params.retries, params.timeout, hint)
+    return download_url(source, dest, params.retries, params.timeout, hint)
 
 
 # --------------------------------------------------------------------------- DomainNet

@@ -168,8 +168,27 @@ def test_google_drive_failure_says_what_to_fetch(tmp_path, monkeypatch):
     with pytest.raises(DmgError) as err:
         download("pacs", tmp_path, DownloadParams(retries=0))
     message = str(err.value)
-    assert "drive.google.com/uc?id=" in message and "--from" in message
+    assert "\n" not in message and "Failed to resolve" in message
+    assert "fetch https://drive.google.com/uc?id=" in message and "--from PATH/pacs.zip" in message
     assert str(tmp_path / "raw" / "pacs" / "downloads" / "pacs.zip") in message
+
+
+def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
+    import gdown
+
+    calls = []
+
+    def fake(**kwargs):  # gdown stands in for Drive: it writes the archive where it was asked to
+        calls.append(kwargs)
+        Path(kwargs["output"]).write_bytes(tiny_pacs_zip())
+        return kwargs["output"]
+
+    monkeypatch.setattr(gdown, "download", fake)
+    link = "https://drive.google.com/uc?id=MIRROR_ID"
+    raw = download("pacs", tmp_path, DownloadParams(source=link, retries=2))
+    assert calls[0]["url"] == link and calls[0]["resume"] and calls[0]["retries"] == 2
+    assert (raw / "images" / "photo" / "dog" / "pic_1.jpg").exists()
+    assert "pacs.zip" in json.loads((raw / "MANIFEST.json").read_text())["sources"]
 
 
 # --------------------------------------------------------------------------- PACS from a mirror URL
