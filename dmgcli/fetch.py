@@ -197,7 +197,7 @@ def download_url(url: str, dest: Path, retries: int = 3, timeout: float = 60.0, 
             reason = str(exc)
             break
         except (requests.RequestException, _Incomplete, OSError) as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            reason = short_reason(exc)
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt)
     tries = "" if reason.startswith("HTTP") else f" after {retries + 1} tries"
@@ -206,6 +206,23 @@ def download_url(url: str, dest: Path, retries: int = 3, timeout: float = 60.0, 
 
 class _DeadLink(Exception):
     pass
+
+
+NETWORK_REASONS = (  # fragments of requests/urllib3 messages -> what they mean, in a few words
+    ("Failed to resolve", "host not found: offline?"), ("Name or service not known", "host not found: offline?"),
+    ("Connection refused", "connection refused"), ("timed out", "timed out"),
+    ("Network is unreachable", "network unreachable: offline?"),
+)
+
+
+def short_reason(exc: BaseException) -> str:
+    """A network error in a few words (requests' own messages run to several hundred characters)."""
+    text = str(exc)
+    for fragment, reason in NETWORK_REASONS:
+        if fragment in text:
+            return reason
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}".rstrip(": ")
 
 
 def _transfer(url: str, part: Path, timeout: float) -> None:
@@ -272,9 +289,8 @@ def download_gdrive(source: str, dest: Path, retries: int = 3, timeout: float = 
     try:
         out = gdown.download(**where, output=str(dest), quiet=False, resume=True, retries=retries, timeout=timeout)
     except Exception as exc:  # gdown raises its own, requests' and OS errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DmgError(f"could not download {dest.name} from Google Drive ({source}; "
-                       f"{type(exc).__name__}: {first}); {hint}".rstrip("; ")) from None
+        raise DmgError(f"could not download {dest.name} from Google Drive ({source}: {short_reason(exc)}); "
+                       f"{hint}".rstrip("; ")) from None
     if not out or not dest.exists():
         raise DmgError(f"could not download {dest.name} from Google Drive ({source}); {hint}".rstrip("; "))
     return dest

@@ -337,3 +337,12 @@ def test_domainnet_stand_ins_counts_classes_tv_split_duplicates(tmp_path, capsys
     assert groups[0]["spans_test"] and report["duplicates"]["policy"].startswith("kept")
     out = capsys.readouterr().out
     assert "1 groups of byte-identical images (1 across train/val and test), kept" in out
+
+
+def test_digits_writes_a_report_too(tmp_path):
+    """Every dataset leaves <dataset>.report.json beside its HDF5 file (one DVC output list for all)."""
+    download("digits", tmp_path, DownloadParams())
+    h5 = preprocess("digits", tmp_path, PreprocessParams())
+    report = json.loads(report_path(h5).read_text())
+    assert sum(n for splits in report["stored"].values() for n in splits.values()) == 1797
+    assert report["stored"]["rot45"] == {"train": 179, "val": 59, "test": 61}
