@@ -165,11 +165,6 @@ class Manifest:
                                "files": dict(sorted(self.files.items()))})
 
 
-def manifest_digest(path: str | Path) -> str:
-    """sha256 of a MANIFEST.json: one value that stands for every raw file it lists."""
-    return sha256_file(path)
-
-
 # --------------------------------------------------------------------------- downloads
 
 class _Incomplete(Exception):

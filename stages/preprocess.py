@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dmgcli import __version__
-from dmgcli.datasets import DIGITS_ANGLES, DATASETS, get_dataset, h5_path, raw_dir
+from dmgcli.datasets import DIGITS_ANGLES, get_dataset, h5_path, raw_dir
 from dmgcli.errors import DmgError
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import write_json
