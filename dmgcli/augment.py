@@ -72,23 +72,27 @@ def random_crop_flip(x: torch.Tensor, size: int, generator=None) -> torch.Tensor
     return affine_crop(x, width, height, cx, cy, flip, size)
 
 
+_GRAY = torch.tensor([0.299, 0.587, 0.114])  # luma weights, as torchvision's rgb_to_grayscale
+
+
 def color_jitter(x: torch.Tensor, strength: float = 0.4, hue: float = 0.4, generator=None) -> torch.Tensor:
     """Per-sample brightness, contrast, saturation and hue jitter. x: float [B, 3, H, W] in [0, 1].
 
     Fixed order (torchvision shuffles it per call); hue is a rotation of the YIQ chroma plane,
-    a close and cheap stand-in for torchvision's HSV shift.
+    a close and cheap stand-in for torchvision's HSV shift. In place on one new tensor: on the
+    CPU every extra full-size temporary costs about as much as an arithmetic pass.
     """
     b = x.shape[0]
 
     def factor():
         return _uniform(b, 1 - strength, 1 + strength, x, generator).view(b, 1, 1, 1)
 
-    x = (x * factor()).clamp_(0, 1)
-    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # [B, 1, H, W]
-    mean = gray.mean(dim=(2, 3), keepdim=True)
-    x = ((x - mean) * factor() + mean).clamp_(0, 1)
-    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-    x = ((x - gray) * factor() + gray).clamp_(0, 1)
+    gray_weights = _GRAY.to(x)
+    x = (x * factor()).clamp_(0, 1)  # brightness
+    mean = (x.mean(dim=(2, 3)) @ gray_weights).view(b, 1, 1, 1)  # mean grey level, [B, 1, 1, 1]
+    x.sub_(mean).mul_(factor()).add_(mean).clamp_(0, 1)  # contrast
+    gray = torch.einsum("bchw,c->bhw", x, gray_weights).unsqueeze(1)  # [B, 1, H, W]
+    x.sub_(gray).mul_(factor()).add_(gray).clamp_(0, 1)  # saturation
     angle = _uniform(b, -hue, hue, x, generator) * 2 * math.pi
     yiq = _RGB_TO_YIQ.to(x)
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -96,7 +100,7 @@ def color_jitter(x: torch.Tensor, strength: float = 0.4, hue: float = 0.4, gener
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
     transform = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3]
-    return torch.einsum("bij,bjhw->bihw", transform, x).clamp_(0, 1)
+    return torch.bmm(transform, x.flatten(2)).view_as(x).clamp_(0, 1)  # hue
 
 
 def pacs_train(x, generator=None):

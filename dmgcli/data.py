@@ -99,6 +99,33 @@ def decode_batch(flat: torch.Tensor, sizes: torch.Tensor, device: torch.device) 
     return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
 
 
+class CudaDecoder:
+    """`decode_batch` on CUDA, on a side stream, ordered so nvJPEG never writes memory still in use.
+
+    torchvision's CUDA decoder allocates its outputs on the caller's stream but writes them
+    from a private stream that does not wait for the caller's queued work (pytorch/vision
+    PR 9606: a block just freed by a still-queued training kernel can be overwritten). So the
+    decode runs on a stream of its own whose queue is drained (host wait, only for that
+    small stream, never the training one) before each decode; the training stream waits for
+    the decoded batch, and the batch's memory is not reused until the training stream is done
+    with it. The previous batch's bytes are kept until that drain, in case nvJPEG still reads them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+        self.in_flight: torch.Tensor | None = None
+
+    def __call__(self, flat: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):
+            x = decode_batch(flat, sizes, self.device)
+        training = torch.cuda.current_stream(self.device)
+        training.wait_stream(self.stream)
+        x.record_stream(training)
+        self.in_flight = flat
+        return x
+
+
 class _BatchOrder(Sampler):
     """The batches (lists of sample indices) of the current pass, replaced before each pass,
     so one DataLoader with persistent workers serves every epoch."""
@@ -138,6 +165,8 @@ class BatchStream:
             self.labels, self.domains = images.labels.to(device), images.domains.to(device)
         self._order = _BatchOrder()
         self._loader: DataLoader | None = None
+        self._decode = CudaDecoder(device) if self.decode_on_device and device.type == "cuda" else (
+            lambda flat, sizes: decode_batch(flat, sizes, device))
 
     def training_share(self, seed: int, epoch: int) -> torch.Tensor:
         """This process's samples of an epoch, in order: every world-th entry of the epoch's permutation.
@@ -176,7 +205,7 @@ class BatchStream:
         for item in self.loader():
             if self.decode_on_device:
                 flat, sizes, y, d = item
-                x = decode_batch(flat, sizes, self.device)
+                x = self._decode(flat, sizes)
             else:
                 x, y, d = item
                 x = x.to(self.device, non_blocking=True)
