@@ -166,7 +166,7 @@ def bench(
     backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet; default resnet50 on CUDA, resnet18 on the CPU."),
     method: str = typer.Option("dmg", help="aggregate, multihead or dmg."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch; default 64 on CUDA, 8 on the CPU."),
-    steps: Optional[int] = typer.Option(None, help="Timed steps of each kind; default 100 on CUDA, 4 on the CPU."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps of each kind; default 100 on CUDA, 6 on the CPU."),
     warmup: Optional[int] = typer.Option(None, help="Untimed steps first; default 20 on CUDA, 1 on the CPU."),
     eval_batch_size: Optional[int] = typer.Option(None, help="Evaluation batch; default 256 on CUDA, 16 on the CPU."),
     eval_steps: Optional[int] = typer.Option(None, help="Timed evaluation batches; default 20 on CUDA, 2 on the CPU."),

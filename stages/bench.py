@@ -68,7 +68,7 @@ class BenchSettings:
 
 # CPU: ResNet-18 at 224 px trains a few images per second on 2 cores; these finish in about a minute.
 DEFAULTS = {
-    "cpu": dict(backbone="resnet18", batch_size=8, steps=4, warmup=1, eval_batch_size=16, eval_steps=2, workers=2),
+    "cpu": dict(backbone="resnet18", batch_size=8, steps=6, warmup=1, eval_batch_size=16, eval_steps=2, workers=2),
     "cuda": dict(backbone="resnet50", batch_size=64, steps=100, warmup=20, eval_batch_size=256, eval_steps=20,
                  workers=min(8, os.cpu_count() or 1)),
 }
