@@ -179,10 +179,9 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results JSON."),
 ):
-    """Training img/s end to end from an HDF5 file of 256 px JPEGs against the same model's plain
-    step on device tensors (the ceiling), the input path's share of step time, and evaluation img/s.
+    """Training img/s end to end from HDF5 JPEGs against the same model's plain step (the ceiling).
 
-    Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
+    Also the input path's share of step time and evaluation img/s, in one run on one device. Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
     """
     from stages.bench import report as describe
     from stages.bench import run

@@ -58,15 +58,15 @@ def place(method: Method, device: torch.device, precision: str = "bf16") -> Meth
     """Move a freshly built method to its device and set it up to run fast there.
 
     CUDA: bf16 autocast (unless fp32), channels_last weights (tensor-core convolutions want
-    NHWC), fused Adam, cuDNN autotuning. CPU: deterministic kernels, otherwise as written. Call before the first step and
-    before a scheduler is attached (the optimizers are rebuilt).
+    NHWC), fused Adam, cuDNN autotuning. CPU: deterministic kernels, otherwise as written.
+    Call before the first step and before a scheduler is attached (the optimizers are rebuilt).
     """
     method.to(device)
     method.autocast = autocast_for(device, precision)
-    if device.type == "cpu":
-        # Same seed, same weights: the CPU's multi-threaded scatter-add (the backward of a
-        # mask lookup by domain, probs[d]) sums in a varying order unless told not to.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # CPU: same seed, same weights. Its multi-threaded scatter-add (the backward of a mask
+    # lookup by domain, probs[d]) sums in a varying order unless told not to. CUDA keeps the
+    # fast kernels (a process-wide switch, so set either way).
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         method.to(memory_format=torch.channels_last)  # 4-d conv weights only; the rest is unchanged
@@ -111,12 +111,6 @@ def train_step(method: Method, objective: Objective, x: torch.Tensor, y: torch.T
     for opt in method.optimizers:
         opt.step()
     return {"loss": loss.detach(), **stats}
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA allocation failure, whichever way torch reports it."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):

@@ -112,7 +112,7 @@ def test_fused_adam_steps_like_plain_adam():
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        method = build_method("dmg", config)
+        method = engine.place(build_method("dmg", config), torch.device("cpu"))  # deterministic CPU kernels
         if fused:
             engine.fuse_optimizers(method)
             assert all(o.defaults["fused"] for o in method.optimizers)
@@ -204,7 +204,7 @@ def test_out_of_memory_is_one_line_with_advice(digits_dir, monkeypatch):
     from dmgcli.cli import app
 
     def run_out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(stages.train, "train", run_out_of_memory)
     result = CliRunner().invoke(app, ["train", "--params", str(digits_dir / "params.yaml"), "--target", "rot0"])
