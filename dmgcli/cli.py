@@ -93,6 +93,7 @@ def preprocess(
 @handle_errors
 def train(
     target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
+    source: Optional[list[str]] = typer.Option(None, "--source", help="A source domain (repeat the flag); default: every domain but the target."),
     dataset: Optional[str] = typer.Option(None, help="Dataset; may be left out when the target names a domain of one dataset only."),
     backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet."),
     method: Optional[str] = typer.Option(None, help="aggregate, multihead or dmg."),
@@ -120,7 +121,8 @@ def train(
     from .distributed import is_main_process
 
     params, train_params, info = params_with_train_flags(
-        params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed, epochs=epochs,
+        params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
+        method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
         precision=precision, compile=compile, workers=workers)
     folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
@@ -132,6 +134,7 @@ def train(
 @handle_errors
 def evaluate(
     target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
+    source: Optional[list[str]] = typer.Option(None, "--source", help="A source domain (repeat the flag); as given to train."),
     dataset: Optional[str] = typer.Option(None, help="Dataset; may be left out when the target names a domain of one dataset only."),
     backbone: Optional[str] = typer.Option(None, help="Backbone of the run."),
     method: Optional[str] = typer.Option(None, help="Method of the run."),
@@ -151,7 +154,8 @@ def evaluate(
     from .distributed import is_main_process
 
     params, train_params, info = params_with_train_flags(
-        params_file, dataset=dataset, target=target, backbone=backbone, method=method, seed=seed)
+        params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
+        method=method, seed=seed)
     eval_params = override(params.evaluate, average_over=average_over, device=device)
     metrics = run(info, params.data_dir, train_params, eval_params, run=run_folder, out=out)
     in_domain = metrics["in_domain"]["average"]["mean"]

@@ -74,6 +74,7 @@ DEFAULT_SCHEDULES = {
 @dataclass(frozen=True)
 class TrainParams:
     target: str = "rot0"
+    sources: Optional[tuple[str, ...]] = None  # None: every domain but the target (leave-one-domain-out)
     method: str = "dmg"
     backbone: str = "convnet"
     seed: int = 0

@@ -53,11 +53,25 @@ def run_dir(data_dir: str | Path, dataset: str, backbone: str, method: str, targ
     return Path(data_dir) / "runs" / dataset / backbone / method / target / f"seed{seed}"
 
 
+def choose_sources(domains: tuple[str, ...], target: str, sources: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Every domain but the target (leave-one-domain-out), or the given subset, checked."""
+    if sources is None:
+        return tuple(d for d in domains if d != target)
+    for d in sources:
+        if d not in domains:
+            raise DmgError(f"unknown source domain {d!r}; valid: {', '.join(domains)}")
+    if target in sources:
+        raise DmgError(f"target {target!r} is also a source; the target must be held out")
+    if len(set(sources)) != len(sources) or not sources:
+        raise DmgError(f"sources must be distinct and non-empty, got {', '.join(sources) or 'none'}")
+    return tuple(sources)
+
+
 def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: str = "logits") -> RunSpec:
     file_info = read_info(h5)
     if params.target not in file_info.domains:
         raise DmgError(f"target {params.target!r} is not a domain of {h5}; valid: {', '.join(file_info.domains)}")
-    sources = tuple(d for d in file_info.domains if d != params.target)
+    sources = choose_sources(file_info.domains, params.target, params.sources)
     schedule = params.schedules.get(info.name)
     if schedule is None:
         raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")

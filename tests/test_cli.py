@@ -92,9 +92,21 @@ def test_resume_refuses_a_checkpoint_of_another_method(workdir):
     (["train", "--target", "cartoon"], "prepare pacs first with `dmg download pacs && dmg preprocess pacs`"),
     (["train", "--target", "quickdraw", "--backbone", "alexnet"], "dmg download domainnet && dmg preprocess domainnet"),
     (["evaluate", "--target", "rot30", "--method", "dmg"], "best.pt not found"),
+    (["train", "--target", "rot0", "--source", "rot0", "--source", "rot15"], "target 'rot0' is also a source"),
+    (["train", "--target", "rot0", "--source", "rot7"], "unknown source domain 'rot7'"),
 ])
 def test_bad_input_is_one_line_and_nonzero(workdir, args, message):
     one_line_error(dmg(*args, ok=False), message)
+
+
+def test_a_subset_of_sources(workdir):
+    dmg("train", "--target", "rot0", "--source", "rot15", "--source", "rot75", "--method", "dmg", "--epochs", "1",
+        "--out", workdir / "sub")
+    dmg("evaluate", "--target", "rot0", "--source", "rot15", "--source", "rot75", "--method", "dmg",
+        "--run", workdir / "sub", "--out", workdir / "sub.json")
+    metrics = json.loads((workdir / "sub.json").read_text())
+    assert metrics["sources"] == ["rot15", "rot75"]
+    assert len(metrics["masks"]["iou"]["fc"]) == 2
 
 
 def test_ambiguous_domain_uses_params_dataset(workdir):
