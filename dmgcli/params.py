@@ -107,7 +107,7 @@ class SweepParams:
     lambdas: tuple[float, ...] = (0.0, 0.01, 0.1, 0.5, 1.0)
     targets: tuple[str, ...] = ("rot0",)  # domains of `dataset`
     seeds: tuple[int, ...] = (0,)
-    epochs: Optional[int] = 12  # None: the dataset schedule's epochs (the sweep is then a full training each)
+    epochs: Optional[int] = None  # None: the dataset schedule's epochs, so sweep points match the main runs
 
 
 @dataclass(frozen=True)
