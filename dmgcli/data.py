@@ -25,6 +25,7 @@ from .h5data import SplitReader
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 PREFETCH = 4  # batches each worker keeps ready
+IN_MEMORY_LIMIT = 2 * 2**30  # bytes of raw pixels held on the device; larger raw files go through workers
 
 
 class DomainImages(Dataset):
@@ -155,7 +156,9 @@ class BatchStream:
         self.workers = workers
         self.shard = shard or distributed.current()
         raw = images.encoding == "raw"
-        self.in_memory = raw if in_memory is None else in_memory
+        if in_memory is None:  # small raw files live on the device; a large one (DomainNet raw: ~115 GB) is streamed
+            in_memory = raw and len(images) * images.image(0).numel() <= IN_MEMORY_LIMIT if len(images) else raw
+        self.in_memory = in_memory
         if decode_on_device is None:
             decode_on_device = device.type == "cuda"
         self.decode_on_device = decode_on_device and not raw

@@ -92,11 +92,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-def barrier() -> None:
-    if current().world > 1:
-        dist.barrier()
-
-
 @torch.no_grad()
 def sync_buffers(module: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every process.

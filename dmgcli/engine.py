@@ -102,15 +102,8 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(method: Method, objective: Objective, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict:
-    """One optimisation step: Method.update's steps, with the loss from `objective` (possibly DDP/compiled)."""
-    with method.autocast():
-        loss, stats = objective(x, y, d)
-    for opt in method.optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in method.optimizers:
-        opt.step()
-    return {"loss": loss.detach(), **stats}
+    """One optimisation step of `method` with the loss from `objective` (possibly DDP/compiled)."""
+    return method.update(x, y, d, objective)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
@@ -189,13 +182,6 @@ def correct_counts(method: Method, stream: BatchStream, augment, mode: str, grou
     if stream.shard.world > 1:
         correct, total = distributed.all_sum(correct), distributed.all_sum(total)
     return correct.tolist(), total.tolist()
-
-
-def accuracy(method: Method, stream: BatchStream, augment, mode: str) -> float:
-    """Top-1 accuracy in percent over a whole split, in prediction `mode`."""
-    correct, total = correct_counts(method, stream, augment, mode, groups=int(stream.images.domains.max()) + 1
-                                    if len(stream.images) else 1)
-    return 100.0 * sum(correct) / max(sum(total), 1)
 
 
 def save_checkpoint(path, payload: dict) -> None:

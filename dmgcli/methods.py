@@ -64,9 +64,10 @@ class Method(nn.Module):
     def objective(self, x, y, d) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict:
+    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, objective=None) -> dict:
+        """One optimisation step. `objective` replaces self.objective (the engine passes a DDP or compiled one)."""
         with self.autocast():
-            loss, stats = self.objective(x, y, d)
+            loss, stats = (objective or self.objective)(x, y, d)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,6 +18,16 @@ import yaml
 from .errors import DmgError
 
 
+def check_range(key: str, value, minimum: float | None = None, positive: bool = False) -> None:
+    """One-line errors for values of the right type but out of range (None means "default")."""
+    if value is None:
+        return
+    if minimum is not None and value < minimum:
+        raise DmgError(f"params: {key} must be at least {minimum}, got {value!r}")
+    if positive and value <= 0:
+        raise DmgError(f"params: {key} must be positive, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MatrixParams:
     """The experiment grid DVC expands: one training run per combination."""
@@ -93,12 +103,25 @@ class TrainParams:
     compile: bool = False  # torch.compile the training step (CUDA; costs a minute or more at the start)
     schedules: dict[str, Schedule] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
 
+    def __post_init__(self):
+        check_range("train.batch_size", self.batch_size, minimum=1)
+        check_range("train.epochs", self.epochs, minimum=1)
+        check_range("train.workers", self.workers, minimum=0)
+        check_range("train.overlap_lambda", self.overlap_lambda, minimum=0)
+        check_range("train.lr", self.lr, positive=True)
+        check_range("train.mask_lr", self.mask_lr, positive=True)
+
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 256
     average_over: str = "logits"  # "logits" (reference) or "probs"
     device: str = "auto"
+
+    def __post_init__(self):
+        check_range("evaluate.batch_size", self.batch_size, minimum=1)
+        if self.average_over not in ("logits", "probs"):
+            raise DmgError(f"params: evaluate.average_over must be logits or probs, got {self.average_over!r}")
 
 
 @dataclass(frozen=True)

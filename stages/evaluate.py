@@ -5,6 +5,7 @@ Metrics file (accuracies in percent, the paper's unit):
   "dataset", "backbone", "method", "target", "seed", "sources": [...],
   "out_of_domain": {"accuracy": float, "mode": "average"},          # target's test split
   "in_domain": {"<mode>": {"per_domain": {source: float}, "mean": float}},  # sources' test splits
+  "in_domain_split": "test",   # "val" for PACS, whose test list is the whole domain (train included)
   "selection": {"best_epoch": int, "val_accuracy": float},
   "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}},  # DMG only
             "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}}
@@ -81,14 +82,14 @@ def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train
     load_model_state(method, ckpt["model"], folder / "best.pt")
     _, eval_aug = aug.get_augmentation(info.augmentation)
 
-    def stream(domains) -> BatchStream:
-        """The test splits of `domains`; each sample carries its domain's position in `domains`."""
-        images = DomainImages([SplitReader(h5, d, "test") for d in domains], list(range(len(domains))))
+    def stream(domains, split: str = "test") -> BatchStream:
+        """The `split` of `domains`; each sample carries its domain's position in `domains`."""
+        images = DomainImages([SplitReader(h5, d, split) for d in domains], list(range(len(domains))))
         return BatchStream(images, params.batch_size, device, train_params.workers)
 
     # The target's domain index is irrelevant in "average" mode; 0 is a placeholder.
     target_correct, target_total = correct_counts(method, stream([spec.target]), eval_aug, "average", 1)
-    sources = stream(spec.sources)
+    sources = stream(spec.sources, info.in_domain_split)
     modes = ["average"] + (["known_domain"] if isinstance(method, (DMG, MultiHead)) else [])
     in_domain = {}
     for mode in modes:
@@ -98,6 +99,7 @@ def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train
     best = read_json(folder / "run.json")["best"] if (folder / "run.json").exists() else {}
     metrics = {
         "dataset": info.name, "backbone": config.backbone, "method": spec.method, "target": spec.target,
+        "in_domain_split": info.in_domain_split,
         "seed": train_params.seed, "sources": list(spec.sources),
         "out_of_domain": {"accuracy": 100.0 * target_correct[0] / max(target_total[0], 1), "mode": "average"},
         "in_domain": in_domain,

@@ -224,7 +224,8 @@ def default_tables(matrix: MatrixParams, runs: Runs) -> list[TableSpec]:
     """The out-of-domain and in-domain tables of a dataset's matrix (any dataset, digits included)."""
     info = get_dataset(runs.dataset)
     titles = {"out_of_domain": f"{info.name}: out-of-domain accuracy (%), column = held-out target domain",
-              "in_domain": f"{info.name}: in-domain accuracy (%), mean over the source domains' test splits, "
+              "in_domain": f"{info.name}: in-domain accuracy (%), mean over the source domains' "
+                           f"{'validation (crossval: the official test list is the whole domain)' if info.in_domain_split == 'val' else 'test'} splits, "
                            f"column = held-out target domain"}
     return [TableSpec(kind, titles[kind], info.name, kind, info.domains, info.domains, BACKBONE_LABELS,
                       matrix_rows(matrix, runs, kind), pretrained=False) for kind in KINDS]

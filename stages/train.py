@@ -85,6 +85,22 @@ def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: st
     return RunSpec(info.name, params.target, sources, params.method, config)
 
 
+def training_settings(spec: RunSpec, params: TrainParams, schedule) -> dict:
+    """What a resumed run must share with the run that wrote last.pt (besides the identity)."""
+    config = {k: v for k, v in dataclasses.asdict(spec.config).items() if k != "average_over"}  # evaluation only
+    return {**{f"config.{k}": v for k, v in config.items()}, "seed": params.seed, "batch_size": params.batch_size,
+            **{f"schedule.{k}": v for k, v in dataclasses.asdict(schedule).items() if k not in ("epochs", "baseline_epochs")}}
+
+
+def check_settings(checkpoint: dict, settings: dict, path: Path) -> None:
+    """Refuse to resume with other hyperparameters: the run would mix two settings and record only one."""
+    saved = checkpoint.get("settings", {})
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; "
+                           f"resume with the same settings or use another output folder")
+
+
 def check_identity(checkpoint: dict, spec: RunSpec, path: Path) -> None:
     """Refuse a checkpoint of another backbone, method or domain set."""
     saved = checkpoint.get("identity", {})
@@ -137,10 +153,20 @@ def seed_process(seed: int, proc: distributed.Dist) -> None:
         seed_everything(seed + RANK_SEED_STRIDE * proc.rank)
 
 
-def restore(path: Path, spec: RunSpec, method: Method, scheduler, proc: distributed.Dist, seed: int) -> dict:
-    """Load last.pt into the method, its optimizers and scheduler, and this process's random state."""
+def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler, proc: distributed.Dist,
+            seed: int) -> dict:
+    """Load last.pt into the method, its optimizers and scheduler, and this process's random state.
+
+    last.pt is written before best.pt, so a crash between the two leaves last.pt naming a best
+    epoch whose weights are its own: best.pt is then rewritten from it.
+    """
     ckpt = load_checkpoint(path)
     check_identity(ckpt, spec, path)
+    check_settings(ckpt, settings, path)
+    best_path = path.parent / "best.pt"
+    if proc.is_main and ckpt["best"]["epoch"] == ckpt["epoch"] and (
+            not best_path.exists() or load_checkpoint(best_path).get("epoch") != ckpt["epoch"]):
+        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch")})
     load_model_state(method, ckpt["model"], path)
     for opt, state in zip(method.optimizers, ckpt["optimizers"]):
         opt.load_state_dict(state)
@@ -186,11 +212,12 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers)
     val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers)
 
+    settings = training_settings(spec, params, schedule)
     start_epoch, best, rows = 0, {"epoch": -1, "val_accuracy": -1.0}, []
     last_path = out / "last.pt"
     if resume and last_path.exists():
-        ckpt = restore(last_path, spec, method, scheduler, proc, params.seed)
-        start_epoch, best, rows = ckpt["epoch"] + 1, ckpt["best"], ckpt["log"]
+        ckpt = restore(last_path, spec, settings, method, scheduler, proc, params.seed)
+        start_epoch, best, rows = ckpt["epoch"], ckpt["best"], ckpt["log"]
     objective = training_objective(method, device, params.compile)  # after loading: DDP broadcasts rank 0's weights
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -216,12 +243,14 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
         if not quiet:
             print(f"epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  source-val {val['mean']:.2f}%  "
                   f"{stats.images_per_second:.0f} img/s", flush=True)
-        payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict()}
-        if improved:
-            save_checkpoint(out / "best.pt", {**payload, "epoch": epoch})
-        save_checkpoint(last_path, {**payload, "epoch": epoch, "best": best, "log": rows,
+        # "epoch" = epochs completed (1-based, as in log.csv and run.json)
+        payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict(),
+                   "epoch": epoch + 1}
+        save_checkpoint(last_path, {**payload, "best": best, "log": rows, "settings": settings,
                                     "optimizers": [o.state_dict() for o in method.optimizers],
                                     "scheduler": scheduler.state_dict(), "rng": rng})
+        if improved:
+            save_checkpoint(out / "best.pt", payload)
         write_log(out / "log.csv", rows)
 
     if best["epoch"] < 0:

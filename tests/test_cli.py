@@ -77,6 +77,16 @@ def test_resume_continues_to_the_same_result(workdir):
     assert strip(full) == strip(part)
 
 
+def test_resume_refuses_other_hyperparameters(workdir):
+    dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "1", "--out", workdir / "h")
+    result = dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "2", "--overlap-lambda", "5",
+                 "--out", workdir / "h", "--resume", ok=False)
+    one_line_error(result, "config.overlap_lambda=0.1, not 5.0")
+    result = dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "2", "--seed", "3",
+                 "--out", workdir / "h", "--resume", ok=False)
+    one_line_error(result, "seed=0, not 3")
+
+
 def test_resume_refuses_a_checkpoint_of_another_method(workdir):
     dmg("train", "--target", "rot15", "--method", "aggregate", "--epochs", "1", "--out", workdir / "r")
     result = dmg("train", "--target", "rot15", "--method", "dmg", "--epochs", "2", "--out", workdir / "r", "--resume",
@@ -94,6 +104,11 @@ def test_resume_refuses_a_checkpoint_of_another_method(workdir):
     (["evaluate", "--target", "rot30", "--method", "dmg"], "best.pt not found"),
     (["train", "--target", "rot0", "--source", "rot0", "--source", "rot15"], "target 'rot0' is also a source"),
     (["train", "--target", "rot0", "--source", "rot7"], "unknown source domain 'rot7'"),
+    (["train", "--target", "rot0", "--batch-size", "0"], "train.batch_size must be at least 1"),
+    (["train", "--target", "rot0", "--lr", "-1"], "train.lr must be positive"),
+    (["train", "--target", "rot0", "--overlap-lambda", "-1"], "train.overlap_lambda must be at least 0"),
+    (["train", "--target", "rot0", "--epochs", "0"], "train.epochs must be at least 1"),
+    (["evaluate", "--target", "rot0", "--average-over", "prob"], "evaluate.average_over must be logits or probs"),
 ])
 def test_bad_input_is_one_line_and_nonzero(workdir, args, message):
     one_line_error(dmg(*args, ok=False), message)

@@ -133,3 +133,30 @@ def test_pretrained_loads_a_local_weights_file(tmp_path):
     bb = build_backbone("resnet18", 2, pretrained=True, pretrained_path=str(path))
     conv1 = dict(bb.layers)["conv1"]
     assert torch.equal(conv1.weight, reference.conv1.weight)
+
+
+def test_hard_mode_applies_the_thresholded_own_mask():
+    m = make_dmg()
+    x, _, d = batch(16)
+    with torch.no_grad():
+        hard = m.predict(x, "hard", d)
+        saved = [l.clone() for l in m.masks.logits]
+        for logits in m.masks.logits:  # +-20 logits: soft masks equal to the 0/1 threshold of the originals
+            logits.copy_(torch.where(logits > 0, 20.0, -20.0))
+        assert torch.allclose(hard, m.predict(x, "known_domain", d), atol=1e-4)
+        for logits, original in zip(m.masks.logits, saved):
+            logits.copy_(original)
+
+
+def test_training_samples_each_samples_own_domain_mask():
+    m = make_dmg()
+    m.train()
+    with torch.no_grad():  # domain 0 keeps everything, the others drop everything at the first mask point
+        m.masks.logits[0].copy_(torch.full_like(m.masks.logits[0], -30.0))
+        m.masks.logits[0][0] = 30.0
+    seen = []
+    m.segments[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    x, y, d = batch(16)
+    m.objective(x, y, d)
+    kept = seen[0].flatten(1).abs().sum(1) > 0  # [B]: did any activation survive the mask?
+    assert torch.equal(kept, d == 0)
