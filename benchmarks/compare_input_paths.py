@@ -10,7 +10,7 @@ research  torchvision ImageFolder over the extracted PACS files; PIL RandomResiz
 ours      the same images as `dmg preprocess` stores them (shorter side 256, JPEG q90) in a dmg
           HDF5 file; dmgcli.data.BatchStream (CUDA: workers read bytes, one batched nvJPEG decode;
           CPU: workers decode) and the batched PACS augmentation of dmgcli.augment on the device.
-Both feed the same method (default DMG) through the same training step (engine.train_step);
+Both feed the same method (default DMG) through the same training step (Method.update);
 the images are a seeded sample of all four domains, each sample keeping its domain index.
 Measured per path: the loader alone (batches ready on the device, augmented) and training end
 to end, in images per second. Skips (exit 0) when PACS.zip is not there.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from dmgcli import augment as aug  # noqa: E402
 from dmgcli.data import BatchStream, DomainImages  # noqa: E402
-from dmgcli.engine import model_input, place, resolve_device, seed_everything, train_step, training_objective  # noqa: E402
+from dmgcli.engine import model_input, place, resolve_device, seed_everything, training_objective  # noqa: E402
 from dmgcli.fileio import write_json  # noqa: E402
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
@@ -111,7 +111,7 @@ def measure(batches, prepare, method, objective, args, device) -> dict:
 
     def train() -> int:
         x, y, d = next(batches)
-        train_step(method, objective, prepare(x), y, d)
+        method.update(prepare(x), y, d, objective)
         return len(y)
 
     seconds, images = timed(load_only, args.warmup, args.loader_batches, device)

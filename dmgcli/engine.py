@@ -101,11 +101,6 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
 
 
-def train_step(method: Method, objective: Objective, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict:
-    """One optimisation step of `method` with the loss from `objective` (possibly DDP/compiled)."""
-    return method.update(x, y, d, objective)
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
     """The reference schedules: exponential per epoch (PACS), inverse per iteration (DomainNet)."""
     if schedule.lr_schedule == "exponential":
@@ -144,7 +139,7 @@ def train_one_epoch(method: Method, stream: BatchStream, augment, seed: int, epo
     world = stream.shard.world
     bar = tqdm(total=len(stream), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
     for step, (x, y, d) in enumerate(stream.shuffled(seed, epoch)):
-        stats = train_step(method, objective, model_input(augment(x)), y, d)
+        stats = method.update(model_input(augment(x)), y, d, objective)
         if step_scheduler:
             scheduler.step()
         for k, v in stats.items():

@@ -5,7 +5,7 @@ In one run, on one device:
      about the bytes of real 256 px photos) to a temporary folder;
   2. end to end: trains `steps` steps of the method from that file through the training
      input path (data.BatchStream: GPU decode on CUDA, worker decode on the CPU; the
-     dataset's batched augmentation; engine.train_step);
+     dataset's batched augmentation; Method.update);
   3. the method's step alone, on random tensors already on the device;
   4. the plain step of the same network (the ceiling, as ../shared/bench/ceiling.py measures
      it: random tensors on the device, bf16 autocast on CUDA, channels_last, Adam, one head);
@@ -38,7 +38,7 @@ from torch import nn
 from dmgcli import augment as aug
 from dmgcli.backbones import build_backbone
 from dmgcli.data import Batch, BatchStream, DomainImages
-from dmgcli.engine import autocast_for, model_input, place, resolve_device, seed_everything, train_step, training_objective
+from dmgcli.engine import autocast_for, model_input, place, resolve_device, seed_everything, training_objective
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing
@@ -188,7 +188,7 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
             start = time.perf_counter()
             x, y, d = next(batches)
             waited[0] += time.perf_counter() - start
-            train_step(method, objective, model_input(train_aug(x)), y, d)
+            method.update(model_input(train_aug(x)), y, d, objective)
             return len(y)
 
         method.train()
@@ -204,7 +204,7 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
         x, y, d = random_batch(settings.batch_size, settings, device)
 
         def method_step() -> int:
-            train_step(method, objective, x, y, d)
+            method.update(x, y, d, objective)
             return len(y)
 
         progress("method step on device tensors ...")

@@ -119,7 +119,7 @@ def test_fused_adam_steps_like_plain_adam():
             assert [g["lr"] for o in method.optimizers for g in o.param_groups] == [1e-2, 1e-4]
         torch.manual_seed(1)
         for _ in range(2):
-            engine.train_step(method, method.objective, x, y, d)
+            method.update(x, y, d)
         results.append(method.state_dict())
     for key, value in results[0].items():
         assert torch.allclose(value.float(), results[1][key].float(), atol=1e-6), key
@@ -238,7 +238,7 @@ def test_cuda_step_bf16_channels_last_fused(precision):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(o.defaults["fused"] for o in method.optimizers)
     x = engine.model_input(torch.rand(8, 3, 64, 64, device=device))
-    stats = engine.train_step(method, method.objective, x, torch.arange(8, device=device) % 7,
+    stats = method.update(x, torch.arange(8, device=device) % 7,
                               torch.arange(8, device=device) % 3)
     assert torch.isfinite(stats["loss"])
     with torch.no_grad(), method.autocast():
