@@ -25,8 +25,10 @@ class Normalize(nn.Module):
 
     def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Persistent: a checkpoint carries the statistics its network was trained with, so an
+        # evaluation can never normalise differently from the training (ImageNet vs 0.5).
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1 or 3, H, W]
         if x.shape[1] == 1:
@@ -55,10 +57,31 @@ def register(name: str):
 
 
 def build_backbone(name: str, num_classes: int, pretrained: bool = False,
-                   pretrained_path: str | None = None) -> Backbone:
+                   pretrained_path: str | None = None, load_weights: bool = True) -> Backbone:
+    """The network as a flat layer list.
+
+    `pretrained` fixes the architecture of an ImageNet-initialised run (ImageNet input
+    normalisation, a freshly initialised head); `load_weights=False` builds that same network
+    without reading the weights file, for a checkpoint that is about to replace every weight.
+    """
     if name not in BACKBONES:
         raise DmgError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    return BACKBONES[name](num_classes=num_classes, pretrained=pretrained, pretrained_path=pretrained_path)
+    path = pretrained_path if load_weights else None
+    return BACKBONES[name](num_classes=num_classes, pretrained=pretrained, pretrained_path=path,
+                           load_weights=load_weights)
+
+
+HEAD_INIT_STD = 0.001  # the reference initialises a head that replaces a pretrained one N(0, 0.001), bias 0
+
+
+def new_head(in_features: int, num_classes: int, pretrained: bool) -> nn.Linear:
+    """A classifier head for `num_classes`. On a pretrained network it starts as the reference's
+    did (weights N(0, 0.001), bias 0); from scratch it keeps PyTorch's default, like every other layer."""
+    head = nn.Linear(in_features, num_classes)
+    if pretrained:
+        nn.init.normal_(head.weight, 0.0, HEAD_INIT_STD)
+        nn.init.zeros_(head.bias)
+    return head
 
 
 def _models():
@@ -85,13 +108,14 @@ def load_imagenet_weights(model: nn.Module, weights_enum, pretrained_path: str |
         raise DmgError(f"could not load ImageNet weights from {path}: {exc}") from None
 
 
-def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None) -> Backbone:
+def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None,
+            load_weights: bool) -> Backbone:
     models = _models()
     weights_enum = getattr(models, weights_name)
     net = getattr(models, arch)(weights=None)
-    if pretrained:
+    if pretrained and load_weights:
         load_imagenet_weights(net, weights_enum, pretrained_path)
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    net.fc = new_head(net.fc.in_features, num_classes, pretrained)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if pretrained else Normalize()
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
     layers = [("normalize", norm)] + [(n, getattr(net, n)) for n in names]
@@ -100,22 +124,25 @@ def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pr
 
 
 @register("resnet18")
-def resnet18(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
-    return _resnet("resnet18", "ResNet18_Weights", num_classes, pretrained, pretrained_path)
+def resnet18(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+             load_weights: bool = True) -> Backbone:
+    return _resnet("resnet18", "ResNet18_Weights", num_classes, pretrained, pretrained_path, load_weights)
 
 
 @register("resnet50")
-def resnet50(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
-    return _resnet("resnet50", "ResNet50_Weights", num_classes, pretrained, pretrained_path)
+def resnet50(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+             load_weights: bool = True) -> Backbone:
+    return _resnet("resnet50", "ResNet50_Weights", num_classes, pretrained, pretrained_path, load_weights)
 
 
 @register("alexnet")
-def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
+def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+            load_weights: bool = True) -> Backbone:
     models = _models()
     net = models.alexnet(weights=None)
-    if pretrained:
+    if pretrained and load_weights:
         load_imagenet_weights(net, models.AlexNet_Weights, pretrained_path)
-    net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
+    net.classifier[6] = new_head(net.classifier[6].in_features, num_classes, pretrained)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if pretrained else Normalize()
     layers = [("normalize", norm), ("features", net.features), ("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
     layers += [(f"classifier.{i}", m) for i, m in enumerate(net.classifier)]
@@ -123,7 +150,8 @@ def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | N
 
 
 @register("convnet")
-def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None) -> Backbone:
+def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+            load_weights: bool = True) -> Backbone:
     """A small CNN for small images (the embedded digits): three conv blocks and two fc layers.
 
     Masked like the ResNets: a channel mask before the last conv block, then the fc inputs.

@@ -101,16 +101,46 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
-    """The reference schedules: exponential per epoch (PACS), inverse per iteration (DomainNet)."""
+def _lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
     if schedule.lr_schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=schedule.gamma), "epoch"
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=schedule.gamma)
     if schedule.lr_schedule == "inverse":
         fn = lambda t: (1 + schedule.gamma * t) ** (-schedule.power)  # noqa: E731
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn), "step"
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
     if schedule.lr_schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0), "epoch"
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
     raise DmgError(f"unknown lr_schedule {schedule.lr_schedule!r}; valid: exponential, inverse, constant")
+
+
+class Schedulers:
+    """One learning-rate schedule applied to several optimisers in step (network, and masks)."""
+
+    def __init__(self, schedulers: list):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def state_dict(self) -> list[dict]:
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_state_dict(self, states) -> None:
+        states = states if isinstance(states, list) else [states]  # checkpoints before masks were decayed
+        if len(states) != len(self.schedulers):
+            raise DmgError(f"checkpoint holds {len(states)} learning-rate schedules, this run has "
+                           f"{len(self.schedulers)}; was it written by an older dmg?")
+        for s, state in zip(self.schedulers, states):
+            s.load_state_dict(state)
+
+
+def make_scheduler(optimizers: list[torch.optim.Optimizer], schedule: Schedule) -> tuple[Schedulers, str]:
+    """The reference schedules, and when they step: exponential per epoch (PACS) on the network's
+    optimiser only; inverse decay per iteration (DomainNet) on every optimiser, the masks' included
+    (`schedule.decay_masks`), as the reference code did."""
+    decayed = optimizers if schedule.decay_masks else optimizers[:1]
+    unit = "step" if schedule.lr_schedule == "inverse" else "epoch"
+    return Schedulers([_lr_scheduler(opt, schedule) for opt in decayed]), unit
 
 
 @dataclass

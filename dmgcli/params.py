@@ -68,6 +68,7 @@ class Schedule:
     lr_schedule: str  # "exponential" (per epoch), "inverse" (per iteration) or "constant"
     gamma: float = 0.99  # exponential: lr *= gamma each epoch; inverse: lr * (1 + gamma * t) ** -power
     power: float = 0.75
+    decay_masks: bool = False  # the schedule also decays the masks' lr (the reference: DomainNet yes, PACS no)
 
 
 DEFAULT_SCHEDULES = {
@@ -77,7 +78,7 @@ DEFAULT_SCHEDULES = {
     "pacs": Schedule(epochs=150, baseline_epochs=100, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
                      lr_schedule="exponential", gamma=0.99),
     "domainnet": Schedule(epochs=50, baseline_epochs=50, lr=1e-4, mask_lr=1e-4, weight_decay=0.0,
-                          lr_schedule="inverse", gamma=1e-4),
+                          lr_schedule="inverse", gamma=1e-4, decay_masks=True),
 }
 
 

@@ -76,9 +76,11 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
 
 def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train_params: TrainParams,
               params: EvaluateParams, device: torch.device) -> dict:
-    # Rebuild the network as it was trained (mask points etc. from the checkpoint), not as params say now.
-    config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over, "pretrained": False})
-    method = place(build_method(spec.method, config), device, train_params.precision)
+    # Rebuild the network exactly as it was trained: its config (mask points, pretrained, hence the
+    # input normalisation and head) comes from the checkpoint, not from params.yaml now; every weight
+    # and buffer, normalisation statistics included, then comes from best.pt.
+    config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over})
+    method = place(build_method(spec.method, config, load_weights=False), device, train_params.precision)
     load_model_state(method, ckpt["model"], folder / "best.pt")
     _, eval_aug = aug.get_augmentation(info.augmentation)
 

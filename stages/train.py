@@ -207,7 +207,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
     seed_process(params.seed, proc)
-    scheduler, scheduler_unit = make_scheduler(method.optimizers[0], schedule)
+    scheduler, scheduler_unit = make_scheduler(method.optimizers, schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
     train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers)
     val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers)
