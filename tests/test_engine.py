@@ -217,14 +217,15 @@ def test_out_of_memory_is_one_line_with_advice(digits_dir, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_decode_matches_cpu_decode(jpeg_file):
+def test_gpu_stream_decodes_the_images_and_labels_of_the_cpu_stream(jpeg_file):
     stream = BatchStream(jpeg_set(jpeg_file), 8, torch.device("cuda"), workers=2)
     assert stream.decode_on_device
     reference = BatchStream(jpeg_set(jpeg_file), 8, torch.device("cpu"), workers=0)
     for (xg, yg, _), (xc, yc, _) in zip(stream.batches(), reference.batches()):
         assert xg.is_cuda and xg.dtype == torch.uint8 and torch.equal(yg.cpu(), yc)
-        # nvJPEG and libjpeg may round the IDCT differently: a few levels at most
-        assert (xg.cpu().int() - xc.int()).abs().float().mean() < 2.0
+        # 4:2:0 colour JPEGs: nvJPEG and libjpeg upsample chroma differently (tests/test_gpu_decode.py
+        # pins the exact comparison on 4:4:4 files); this bound only catches wrong or shuffled images.
+        assert (xg.cpu().int() - xc.int()).abs().float().mean() < 12.0
 
 
 @pytest.mark.gpu
