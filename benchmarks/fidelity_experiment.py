@@ -56,6 +56,12 @@ def variants(schedule) -> dict[str, dict]:
         "dmg": {"method": "dmg", "epochs": schedule.epochs},
         "dmg-short": {"method": "dmg", "epochs": schedule.baseline_epochs},
         "dmg-lambda0": {"method": "dmg", "epochs": schedule.epochs, "overlap_lambda": 0.0},
+        "dmg-long": {"method": "dmg", "epochs": 3 * schedule.baseline_epochs},
+        # diagnostics: masks starting almost fully open (keep-probability 0.95, logit 3) instead of
+        # the reference's U[0, 1) logits (keep 0.5-0.73): if DMG then fits like Aggregate, the slow
+        # fitting comes from the masks' dropout, not from a defect elsewhere in the method
+        "dmg-open": {"method": "dmg", "epochs": schedule.epochs, "logit_init": 3.0},
+        "dmg-masklr": {"method": "dmg", "epochs": schedule.epochs, "mask_lr": schedule.lr},
     }
 
 
@@ -114,13 +120,17 @@ def validation_accuracies(method, stream, augment, sources: int) -> dict[str, fl
     return out
 
 
-def run_one(info, h5: Path, params: TrainParams, schedule) -> dict:
+def run_one(info, h5: Path, params: TrainParams, schedule, logit_init: float | None = None) -> dict:
     """Train one run; after every epoch score source validation under each selection rule and
     keep the weights each rule would pick; at the end, score each pick on the target."""
     spec = make_spec(info, h5, params)
     device = resolve_device(params.device)
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
+    if logit_init is not None:
+        with torch.no_grad():
+            for logits in method.masks.logits:
+                logits.fill_(logit_init)
     scheduler, unit = make_scheduler(method.optimizers, schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
     train = source_stream(h5, spec.sources, "train", params.batch_size, device, params.workers)
@@ -171,6 +181,37 @@ def summarise(results: list[dict]) -> list[dict]:
     return table
 
 
+def markdown(results: list[dict]) -> str:
+    """Two tables: each variant under its default rule (target accuracy, source val, epoch, CE),
+    and DMG's selection rules x evaluation modes."""
+    rows = summarise(results)
+    default = {r["variant"]: ("hard" if "hard" in r["picks"] else "average") for r in results}
+    val = {}
+    for r in results:
+        val.setdefault(r["variant"], []).append(r["picks"][default[r["variant"]]]["val"]["average"])
+    baseline = {(r["target"], r["seed"]): r["picks"]["average"]["target"]["logits"]
+                for r in results if r["variant"] == "aggregate"}
+    lines = ["| variant | target acc. (mean ± std over runs, n) | minus Aggregate, same target and seed "
+             "(mean ± standard error) | source val (average mode) | picked epoch | final train CE |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["selection"] == default[row["variant"]] and row["eval"] == "logits":
+            diffs = [r["picks"][row["selection"]]["target"]["logits"] - baseline[(r["target"], r["seed"])]
+                     for r in results if r["variant"] == row["variant"] and (r["target"], r["seed"]) in baseline]
+            paired = (f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} ({len(diffs)})"
+                      if len(diffs) > 1 else "-")
+            lines.append(f"| {row['variant']} | {row['mean']:.2f} ± {row['std']:.2f} ({row['n']}) | {paired} | "
+                         f"{statistics.mean(val[row['variant']]):.2f} | {row['best_epoch']:.1f} | {row['final_ce']:.3f} |")
+    lines += ["", "| variant | selection | eval logits | eval probs | eval sampled |", "|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for rule in SELECTION_RULES:
+            cells = {r["eval"]: r for r in rows if r["variant"] == variant and r["selection"] == rule}
+            if "sampled" in cells:
+                lines.append(f"| {variant} | {rule} | " + " | ".join(
+                    f"{cells[m]['mean']:.2f} ± {cells[m]['std']:.2f}" for m in EVAL_MODES) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -186,7 +227,9 @@ def main() -> None:
                     help="PACS/DomainNet crop side instead of 224 (small images on a CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="results JSON (a re-run skips the runs it holds)")
+    ap.add_argument("--markdown", action="store_true", help="only print the tables of --out's runs")
+    ap.add_argument("--include", nargs="*", type=Path, default=[], help="with --markdown: runs of more files")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params)
@@ -198,6 +241,11 @@ def main() -> None:
     targets = args.targets or list(read_info(h5).domains)
     chosen = {k: v for k, v in variants(schedule).items() if not args.variants or k in args.variants}
     results = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    if args.markdown:
+        for extra in args.include:
+            results += json.loads(extra.read_text())["runs"]
+        print(markdown([r for r in results if not args.variants or r["variant"] in args.variants]))
+        return
     done = {(r["variant"], r["target"], r["seed"]) for r in results}
     for seed in args.seeds:
         for target in targets:
@@ -206,10 +254,11 @@ def main() -> None:
                     continue
                 epochs = args.epochs or max(1, round(overrides["epochs"] * args.epochs_scale))
                 overrides = {**overrides, "epochs": epochs}
+                logit_init = overrides.pop("logit_init", None)
                 train_params = dataclasses.replace(params.train, target=target, seed=seed, backbone=args.backbone,
                                                    device=args.device, workers=args.workers, **overrides)
                 start = time.perf_counter()
-                run = run_one(info, h5, train_params, schedule)
+                run = run_one(info, h5, train_params, schedule, logit_init)
                 results.append({"variant": name, "target": target, "seed": seed, **run})
                 best = run["picks"]["hard" if overrides["method"] == "dmg" else "average"]
                 print(f"{name:15s} {target:12s} seed {seed}: target {best['target']['logits']:.2f} at epoch "
