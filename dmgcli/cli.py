@@ -37,6 +37,11 @@ def handle_errors(fn):
             fail(str(exc))
         except KeyboardInterrupt:
             fail("interrupted; completed checkpoints and files are intact", 130)
+        except OSError as exc:
+            if exc.filename is None or exc.strerror is None:
+                raise  # not about a file the user named: a bug to see in full
+            # a folder that is a file, a read-only place, a full disk: the user's to fix
+            fail(f"{exc.filename}: {exc.strerror}")
         except Exception as exc:
             # torch.OutOfMemoryError, or a RuntimeError from a library that ran out (cuDNN, nvJPEG)
             if type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)

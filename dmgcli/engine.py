@@ -11,6 +11,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import BatchStream
 from .errors import DmgError
-from .fileio import atomic_path
+from .fileio import atomic_path, shorten
 from .methods import Method
 from .params import Schedule
 
@@ -185,14 +186,45 @@ def save_checkpoint(path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path) -> dict:
-    """weights_only=True: a checkpoint file can hold tensors and plain data, never code."""
+CHECKPOINT_KEYS = ("identity", "config", "model", "epoch")  # best.pt and last.pt
+LAST_CHECKPOINT_KEYS = CHECKPOINT_KEYS + ("best", "log", "settings", "optimizers", "scheduler", "rng")  # last.pt
+
+
+def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """weights_only=True: a checkpoint file can hold tensors and plain data, never code.
+
+    Anything that is not a complete dmg checkpoint (empty, truncated, foreign, a pickle that
+    would run code, or missing one of `keys`) is one DmgError line naming the file.
+    """
+    import pickle
+
+    path = Path(path)
+    advice = "delete it, or train again (--resume continues from last.pt)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.stat().st_size == 0:
+            raise DmgError(f"checkpoint {path} could not be read: empty file; {advice}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DmgError(f"checkpoint {path} not found") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling errors of many kinds
-        raise DmgError(f"checkpoint {path} could not be read: {exc}") from None
+    except DmgError:
+        raise
+    except pickle.UnpicklingError:  # torch's refusal runs to 8 lines of advice about trusting the file
+        raise DmgError(f"checkpoint {path} could not be read: it holds objects other than tensors and plain "
+                       f"data (a weights-only load refused it; dmg never runs code from a checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, foreign formats and other unpickling errors
+        raise DmgError(f"checkpoint {path} could not be read: {shorten(first_line(exc))}; {advice}") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        what = f"lacks {', '.join(missing)}" if missing else "has a malformed model or config"
+        raise DmgError(f"checkpoint {path} is not a complete dmg checkpoint (it {what}); {advice}")
+    if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
+        raise DmgError(f"checkpoint {path} is not a complete dmg checkpoint (malformed best); {advice}")
+    return ckpt
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_model_state(module: torch.nn.Module, state: dict, path) -> None:

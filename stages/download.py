@@ -20,6 +20,7 @@ from dmgcli.datasets import get_dataset, raw_dir
 from dmgcli.errors import DmgError
 from dmgcli.fetch import (Manifest, copy_file, copy_tree, download_gdrive, download_url, find_files, find_folder,
                           is_gdrive, is_url, replace_dir, safe_extract, sha256_file, staging, subtree, url_basename)
+from dmgcli.fileio import run_lock
 from dmgcli.params import DownloadParams
 
 
@@ -323,6 +324,6 @@ def download(dataset: str, data_dir: str | Path, params: DownloadParams) -> Path
     """Fetch `dataset` into data_dir/raw/<dataset>; returns the folder."""
     info = get_dataset(dataset)
     out_dir = raw_dir(data_dir, info.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    DOWNLOADERS[info.name](out_dir, params)
+    with run_lock(out_dir):  # one writer per raw folder; clears a killed run's staging folders
+        DOWNLOADERS[info.name](out_dir, params)
     return out_dir
