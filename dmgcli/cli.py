@@ -66,13 +66,14 @@ def download(
     dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
     source: Optional[str] = typer.Option(None, "--from", help="Local zip, extracted folder or mirror URL to use instead of the public download."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Folder holding the split lists (PACS: <domain>_{train,crossval,test}_kfold.txt; DomainNet: official/ and tv_0.9_splits/); default: look beside the images."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Extract an archive even if it expands far beyond the dataset's size (refused by default: a zip bomb)."),
     params_file: Path = PARAMS_OPTION,
 ):
     """Fetch a dataset's raw files into <data_dir>/raw/<dataset>, verified against its MANIFEST.json."""
     from stages.download import download as run
 
     params = load_params(params_file)
-    out = run(dataset, params.data_dir, override(params.download, source=source, splits=splits))
+    out = run(dataset, params.data_dir, override(params.download, source=source, splits=splits, allow_large=allow_large or None))
     typer.echo(f"{dataset}: raw files in {out}")
 
 

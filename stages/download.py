@@ -51,7 +51,12 @@ def local_source(source: str) -> Path:
     return path
 
 
-def unpack(local: Path, stage: Path, manifest: Manifest) -> tuple[Path, dict[str, str] | None]:
+# The most one archive of a dataset can expand to (PACS: 0.2 GB; DomainNet's largest domain, real: 6 GB);
+# more means a wrong or malicious file (--allow-large overrides).
+MAX_EXTRACTED = {"pacs": 5 * 10**9, "domainnet": 50 * 10**9}
+
+
+def unpack(local: Path, stage: Path, manifest: Manifest, allow_large: bool = False) -> tuple[Path, dict[str, str] | None]:
     """A zip is checked against the manifest and extracted into the stage; a folder is used as is.
 
     Returns the folder and, for an extracted zip, its files' sha256 (None for a user's folder).
@@ -60,7 +65,7 @@ def unpack(local: Path, stage: Path, manifest: Manifest) -> tuple[Path, dict[str
         return local, None
     manifest.check_source(local.name, local, str(local))
     unpacked = stage / "unpacked"
-    return unpacked, safe_extract(local, unpacked)
+    return unpacked, safe_extract(local, unpacked, MAX_EXTRACTED.get(manifest.dataset), allow_large)
 
 
 def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage: Path, manifest: Manifest,
@@ -134,7 +139,7 @@ def download_pacs(out_dir: Path, params: DownloadParams) -> Path:
         return out_dir
     with staging(out_dir, "fetch") as stage:
         local = pacs_archive(out_dir, params)
-        tree, hashes = unpack(local, stage, manifest)
+        tree, hashes = unpack(local, stage, manifest, params.allow_large)
         domains = set(get_dataset("pacs").domains)
         root = find_folder(tree, domains)
         if root is None:
@@ -294,7 +299,7 @@ def fetch_domain(domain: str, folder: Path | None, base: str, manifest: Manifest
                 hint = (f"fetch it by hand and put it in {local.parent}/ or run `dmg download domainnet --from "
                         f"FOLDER` with FOLDER holding the six domain zips")
                 local = download_url(url, local, params.retries, params.timeout, hint)
-        tree, hashes = unpack(local, stage, manifest)
+        tree, hashes = unpack(local, stage, manifest, params.allow_large)
         root = tree / domain if hashes is not None else tree
         if not root.is_dir():
             raise DmgError(f"{local} holds no {domain}/ folder")
