@@ -6,6 +6,7 @@ plain function in stages/. Errors a user can fix print one line on stderr and ex
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,16 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def one_line(exc: DmgError) -> str:
+    """The message of a DmgError. One raised in a DataLoader worker arrives re-raised with the
+    worker's traceback inside its message; its last line is the original message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
 def handle_errors(fn):
     """Turn user-facing errors into one line on stderr and a non-zero exit, no traceback."""
     @functools.wraps(fn)
@@ -34,7 +45,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DmgError as exc:
-            fail(str(exc))
+            fail(one_line(exc))
         except KeyboardInterrupt:
             fail("interrupted; completed checkpoints and files are intact", 130)
         except OSError as exc:
@@ -279,11 +290,12 @@ def sweep(
 
 @app.command()
 @handle_errors
-def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
+def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
+         verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):
     """Per domain and split: image and class counts, and the file's provenance."""
     from stages.info import describe
 
-    typer.echo(describe(path))
+    typer.echo(describe(path, verify))
 
 
 def main() -> None:
