@@ -15,6 +15,7 @@ import typer
 
 from .datasets import get_dataset, resolve_dataset
 from .errors import DmgError
+from .fileio import shorten
 from .params import load_params, override
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
@@ -23,8 +24,11 @@ app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preproces
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file; flags override its values.")
 
 
+MAX_MESSAGE = 400  # characters; a message quoting a huge path or value is cut
+
+
 def fail(message: str, code: int = 1):
-    typer.echo(f"dmg: error: {message}", err=True)
+    typer.echo(f"dmg: error: {shorten(message, MAX_MESSAGE)}", err=True)
     raise typer.Exit(code)
 
 
@@ -52,7 +56,7 @@ def handle_errors(fn):
             if exc.filename is None or exc.strerror is None:
                 raise  # not about a file the user named: a bug to see in full
             # a folder that is a file, a read-only place, a full disk: the user's to fix
-            fail(f"{exc.filename}: {exc.strerror}")
+            fail(f"{shorten(exc.filename, 200)}: {exc.strerror}")
         except Exception as exc:
             # torch.OutOfMemoryError, or a RuntimeError from a library that ran out (cuDNN, nvJPEG)
             if type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)

@@ -7,6 +7,7 @@ default layout), so CPU results do not depend on this module's GPU settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -22,7 +23,7 @@ from . import distributed
 from .data import BatchStream
 from .errors import DmgError
 from .fileio import atomic_path, shorten
-from .methods import Method
+from .methods import Method, MethodConfig
 from .params import Schedule
 
 PRECISIONS = ("bf16", "fp32")
@@ -199,26 +200,31 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     import pickle
 
     path = Path(path)
+    name = shorten(path, 200)  # as error messages quote it
     advice = "delete it, or train again (--resume continues from last.pt)"
     try:
         if path.stat().st_size == 0:
-            raise DmgError(f"checkpoint {path} could not be read: empty file; {advice}")
+            raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DmgError(f"checkpoint {path} not found") from None
+        raise DmgError(f"checkpoint {name} not found") from None
     except DmgError:
         raise
     except pickle.UnpicklingError:  # torch's refusal runs to 8 lines of advice about trusting the file
-        raise DmgError(f"checkpoint {path} could not be read: it holds objects other than tensors and plain "
+        raise DmgError(f"checkpoint {name} could not be read: it holds objects other than tensors and plain "
                        f"data (a weights-only load refused it; dmg never runs code from a checkpoint)") from None
     except Exception as exc:  # noqa: BLE001 - truncated zips, foreign formats and other unpickling errors
-        raise DmgError(f"checkpoint {path} could not be read: {shorten(first_line(exc))}; {advice}") from None
+        raise DmgError(f"checkpoint {name} could not be read: {shorten(first_line(exc))}; {advice}") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+    if not isinstance(ckpt, dict) or missing or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         what = f"lacks {', '.join(missing)}" if missing else "has a malformed model or config"
-        raise DmgError(f"checkpoint {path} is not a complete dmg checkpoint (it {what}); {advice}")
+        raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (it {what}); {advice}")
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(MethodConfig)})
+    if unknown:
+        raise DmgError(f"checkpoint {name} has config keys this dmg does not know ({shorten(', '.join(map(str, unknown)))}); "
+                       f"was it written by another version?")
     if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
-        raise DmgError(f"checkpoint {path} is not a complete dmg checkpoint (malformed best); {advice}")
+        raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")
     return ckpt
 
 

@@ -33,7 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise DmgError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise DmgError(f"cannot write {shorten(path, 200)}: {exc.strerror or exc}") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
@@ -50,12 +50,11 @@ def make_dirs(folder: str | Path) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise DmgError(f"cannot create folder {folder}: a file of that name (or above it) is in the way") from None
-    except NotADirectoryError:
-        raise DmgError(f"cannot create folder {folder}: a file is in the way") from None
+    except (FileExistsError, NotADirectoryError):
+        raise DmgError(f"cannot create folder {shorten(folder, 200)}: a file of that name (or above it) is in "
+                       f"the way") from None
     except OSError as exc:
-        raise DmgError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
+        raise DmgError(f"cannot create folder {shorten(folder, 200)}: {exc.strerror or exc}") from None
     return folder
 
 
