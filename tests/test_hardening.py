@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import write_params
 from dmgcli.cli import app
+from test_engine import jpeg_file  # noqa: F401 - a fixture
 
 runner = CliRunner()
 
@@ -287,6 +288,62 @@ def test_old_files_without_checksums_still_read(workdir):
     result = runner.invoke(app, ["info", str(h5), "--verify"])
     assert result.exit_code == 0, result.output
     assert "layout version 1" in result.stdout
+
+
+@pytest.fixture
+def jpeg_copy(jpeg_file, tmp_path):
+    """A private copy of test_engine's JPEG file (3 domains x 7 train images), to damage."""
+    path = tmp_path / "tiny.h5"
+    shutil.copy(jpeg_file, path)
+    return path
+
+
+def flip_byte(path: Path, domain: str, index: int, version1: bool = False) -> None:
+    """Flip one byte inside the entropy-coded data of one stored JPEG."""
+    with h5py.File(path, "r+") as f:
+        start, end = f[f"{domain}/train/offsets"][index:index + 2]
+        f[f"{domain}/train/images"][(start + end) // 2] ^= 0x10
+        if version1:
+            f.attrs["version"] = 1
+            for d in ("d0", "d1", "d2"):
+                del f[f"{d}/train/crc32"]
+
+
+def test_flipped_jpeg_bytes_are_found_by_info_verify(jpeg_copy, tmp_path):
+    flip_byte(jpeg_copy, "d1", 3)
+    line = assert_clean_failure(tmp_path, "info", jpeg_copy, "--verify", pattern="1 of 21 images are damaged")
+    assert f"{jpeg_copy}: d1/train/d1/3.jpg" in line
+
+
+def test_training_reads_report_a_damaged_image_by_name(jpeg_copy):
+    """The DataLoader path training uses: the worker's error reaches the CLI as one line naming the image."""
+    from dmgcli.cli import one_line
+    from dmgcli.data import BatchStream, DomainImages
+    from dmgcli.h5data import CorruptImage, SplitReader
+
+    flip_byte(jpeg_copy, "d2", 5)
+    stream = BatchStream(DomainImages([SplitReader(jpeg_copy, d, "train") for d in ("d0", "d1", "d2")], [0, 1, 2]),
+                         4, torch.device("cpu"), workers=1)
+    with pytest.raises(CorruptImage) as caught:
+        for _ in stream.shuffled(seed=0, epoch=0):
+            pass
+    line = one_line(caught.value)
+    assert "\n" not in line and line.startswith(f"{jpeg_copy}: d2/train/d2/5.jpg does not match its checksum")
+
+
+def test_undecodable_image_in_an_old_file_is_named(jpeg_copy):
+    from dmgcli.h5data import CorruptImage, SplitReader
+
+    with h5py.File(jpeg_copy, "r+") as f:
+        start, end = f["d0/train/offsets"][2:4]
+        f["d0/train/images"][start:end] = 0  # no JPEG left
+        f.attrs["version"] = 1
+        for d in ("d0", "d1", "d2"):
+            del f[f"{d}/train/crc32"]
+    reader = SplitReader(jpeg_copy, "d0", "train")
+    with pytest.raises(CorruptImage, match="d0/train/d0/2.jpg cannot be decoded"):
+        reader.image(2)
+    assert reader.verify() == [f"{jpeg_copy}: d0/train/d0/2.jpg"]
 
 
 # --------------------------------------------------------------------------- checkpoints and run records
