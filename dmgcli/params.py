@@ -203,8 +203,6 @@ class SweepParams:
     epochs: Optional[int] = None  # None: the dataset schedule's epochs, so sweep points match the main runs
 
     def __post_init__(self):
-        for value in self.lambdas:
-            check_range("report.sweep.lambdas", value, minimum=0)
         check_seeds("report.sweep.seeds", self.seeds)
         check_range("report.sweep.epochs", self.epochs, minimum=1)
 

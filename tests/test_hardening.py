@@ -173,7 +173,7 @@ BAD_FLAGS = [
     (["evaluate", "--target", "rot0", "--seed", "-1"], "train.seed"),
     (["sweep", "--lambda", "nan"], "lambdas"),
     (["sweep", "--lambda", "inf"], "lambdas"),
-    (["sweep", "--lambda", "-0.5"], "report.sweep.lambdas"),
+    (["sweep", "--lambda", "-0.5"], "lambda_O must be >= 0"),
     (["sweep", "--seed", "-1"], "report.sweep.seeds"),
     (["sweep", "--epochs", "0"], "report.sweep.epochs"),
     (["preprocess", "digits", "--workers", "-1"], "preprocess.workers"),
