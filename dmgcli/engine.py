@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +211,13 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
         raise DmgError(f"checkpoint {name} not found") from None
     except DmgError:
         raise
-    except pickle.UnpicklingError:  # torch's refusal runs to 8 lines of advice about trusting the file
-        raise DmgError(f"checkpoint {name} could not be read: it holds objects other than tensors and plain "
-                       f"data (a weights-only load refused it; dmg never runs code from a checkpoint)") from None
+    except pickle.UnpicklingError as exc:  # torch's message runs to 8 lines of advice about trusting the file
+        refused = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        if refused:
+            raise DmgError(f"checkpoint {name} was refused: it would load {shorten(refused.group(1), 60)}, not just "
+                           f"tensors and plain data (dmg never runs code from a checkpoint)") from None
+        raise DmgError(f"checkpoint {name} could not be read: not a PyTorch checkpoint (corrupt or another "
+                       f"format); {advice}") from None
     except Exception as exc:  # noqa: BLE001 - truncated zips, foreign formats and other unpickling errors
         raise DmgError(f"checkpoint {name} could not be read: {shorten(first_line(exc))}; {advice}") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
