@@ -12,6 +12,7 @@ import math
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -206,7 +207,9 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     try:
         if path.stat().st_size == 0:
             raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise beside the one-line error
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DmgError(f"checkpoint {name} not found") from None
     except DmgError:

@@ -546,3 +546,27 @@ def test_fuzzed_params_never_crash(workdir, case):
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("dmg: error: "), result.stderr
         assert len(lines[0]) < 400
         assert files_in(workdir) == before
+
+
+# --------------------------------------------------------------------------- as a user sees it
+
+def test_real_processes_print_exactly_one_line(workdir):
+    """In a real process, library warnings and DataLoader workers also reach stderr (the
+    in-process runner above does not show them): a few cases run as `python -m dmgcli.cli`."""
+    import subprocess
+    import sys
+
+    run = workdir / "run"
+    run.mkdir()
+    bad_checkpoint(run / "best.pt", "plain pickle")
+    h5 = workdir / "data" / "prepared" / "digits.h5"
+    cases = [["evaluate", "--target", "rot0", "--run", str(run), "--device", "cpu", "--out", str(workdir / "m.json")]]
+    damage(h5, "flipped pixels")
+    cases.append(["train", "--target", "rot0", "--epochs", "1", "--device", "cpu", "--out", str(workdir / "r2")])
+    before = files_in(workdir)
+    for args in cases:
+        done = subprocess.run([sys.executable, "-m", "dmgcli.cli", *args], cwd=workdir, capture_output=True, text=True,
+                              timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("dmg: error: "), done.stderr
+    assert files_in(workdir) == before
