@@ -202,8 +202,13 @@ def open_file(path: str | Path) -> h5py.File:
 
 
 def read_info(path: str | Path) -> FileInfo:
-    with open_file(path) as f:
+    with open_file(path) as f, damaged_file_is_an_error(path):
         return file_info(f, path)
+
+
+def has_split(f: h5py.File, domain: str, split: str) -> bool:
+    with damaged_file_is_an_error(f.filename):
+        return f"{domain}/{split}" in f
 
 
 def file_info(f: h5py.File, path) -> FileInfo:
@@ -226,7 +231,23 @@ def file_info(f: h5py.File, path) -> FileInfo:
 
 
 class CorruptImage(DmgError):
-    """A stored image whose bytes do not match their checksum, or that cannot be decoded."""
+    """A stored image whose bytes do not match their checksum, or that cannot be read or decoded."""
+
+
+# What h5py raises on a damaged file: HDF5's errors, bad links, undecodable names, odd shapes.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def damaged_file_is_an_error(path, where: str = "") -> Iterator[None]:
+    """Turn what h5py raises while reading a damaged file into one line naming it."""
+    try:
+        yield
+    except DmgError:
+        raise
+    except H5_ERRORS as exc:
+        raise DmgError(f"{path}{': ' + where if where else ''} is damaged ({shorten(exc)}); delete the file and run "
+                       f"`dmg preprocess` again") from None
 
 
 class SplitReader:
@@ -242,7 +263,7 @@ class SplitReader:
         self.path, self.domain, self.split = str(path), domain, split
         with open_file(path) as f:
             info = file_info(f, path)
-            if f"{domain}/{split}" not in f:
+            if not has_split(f, domain, split):
                 raise DmgError(f"{path} has no split {domain}/{split}")
             try:
                 group = f[f"{domain}/{split}"]
@@ -252,7 +273,7 @@ class SplitReader:
                 self.crc32 = np.asarray(group["crc32"][:], dtype=np.uint32) if "crc32" in group else None
                 stored = len(group["images"])
                 shape = group["images"].shape[1:]
-            except (KeyError, OSError, RuntimeError, TypeError, ValueError) as exc:
+            except H5_ERRORS as exc:
                 raise DmgError(f"{path}: split {domain}/{split} is corrupt ({shorten(exc)}); delete the file and "
                                f"run `dmg preprocess` again") from None
         self._check(info, stored, shape)
@@ -295,7 +316,7 @@ class SplitReader:
         if self._paths is None:
             try:
                 self._paths = self.paths()
-            except (OSError, KeyError, RuntimeError, DmgError):
+            except (*H5_ERRORS, DmgError):
                 self._paths = []
         source = self._paths[i] if i < len(self._paths) else f"#{i}"
         return f"{self.path}: {self.domain}/{self.split}/{source}"
@@ -306,14 +327,24 @@ class SplitReader:
                                f"`dmg info --verify` and run `dmg preprocess` again")
         return data
 
+    def _stored(self, i: int) -> np.ndarray:
+        """Image i as stored: encoded bytes ("jpeg") or uint8 [H, W, C] ("raw"), checked."""
+        try:
+            images = self._images()
+            data = images[i] if self.offsets is None else images[self.offsets[i]:self.offsets[i + 1]]
+        except H5_ERRORS as exc:
+            raise CorruptImage(f"{self.name(i)} cannot be read ({shorten(exc)}); the file is damaged: run "
+                               f"`dmg preprocess` again") from None
+        return self._verified(i, data)
+
     def encoded(self, i: int) -> np.ndarray:
         """The stored bytes of image i (encoding "jpeg"), checked: uint8 [n_bytes]."""
-        return self._verified(i, self._images()[self.offsets[i]:self.offsets[i + 1]])
+        return self._stored(i)
 
     def image(self, i: int) -> torch.Tensor:
         """Image i decoded: uint8 [C, H, W]."""
         if self.encoding == "raw":
-            return torch.from_numpy(self._verified(i, self._images()[i])).permute(2, 0, 1)
+            return torch.from_numpy(self._stored(i)).permute(2, 0, 1)
         data = self.encoded(i)
         try:
             return decode(data)
@@ -324,14 +355,15 @@ class SplitReader:
     def all_images(self) -> torch.Tensor:
         """The whole split decoded into memory: uint8 [N, C, H, W] (small datasets)."""
         if self.encoding == "raw":
-            pixels = self._images()[:]
+            with damaged_file_is_an_error(self.path, f"split {self.domain}/{self.split}"):
+                pixels = self._images()[:]
             for i in range(len(pixels)):
                 self._verified(i, pixels[i])
             return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
         return torch.stack([self.image(i) for i in range(len(self))]) if len(self) else torch.empty(0, dtype=torch.uint8)
 
     def paths(self) -> list[str]:
-        with open_file(self.path) as f:
+        with open_file(self.path) as f, damaged_file_is_an_error(self.path, f"split {self.domain}/{self.split}"):
             return [p.decode() if isinstance(p, bytes) else p for p in f[f"{self.domain}/{self.split}/paths"][:]]
 
     def verify(self) -> list[str]:
@@ -342,7 +374,14 @@ class SplitReader:
                 self.image(i)
             except CorruptImage:
                 bad.append(self.name(i))
+        self.close()
         return bad
+
+    def close(self) -> None:
+        """Close this process's handle (HDF5 would otherwise keep serving a replaced file's old contents)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def decode(data: np.ndarray) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 
 from dmgcli.datasets import SPLITS
 from dmgcli.errors import DmgError
-from dmgcli.h5data import SplitReader, open_file, read_info
+from dmgcli.h5data import SplitReader, has_split, open_file, read_info
 
 CLASS_TABLE_LIMIT = 12  # more classes than this (DomainNet: 345) are summarised, not tabulated
 
@@ -27,8 +27,8 @@ def describe(path: str | Path, verify: bool = False) -> str:
     counts: dict[tuple[str, str], np.ndarray] = {}  # (domain, split) -> images per class
     readers = []
     with open_file(path) as f:
-        present = {(d, s) for d in info.domains for s in SPLITS if f"{d}/{s}" in f}
-        tool_version = f.attrs.get("tool_version")
+        present = {(d, s) for d in info.domains for s in SPLITS if has_split(f, d, s)}
+        tool_version = f.attrs.get("tool_version", "unknown")
     for domain in info.domains:
         cells = []
         for split in SPLITS:

@@ -269,6 +269,21 @@ def test_damaged_hdf5_file(workdir, how):
                          "--out", workdir / "run", pattern=str(h5))
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_fuzzed_byte_flips_in_hdf5(workdir, seed):
+    """8 seeded byte flips, in the metadata (first 64 kB) for even seeds, anywhere for odd ones:
+    `dmg info --verify` refuses the file in one line (seeded: these flips each hit metadata,
+    labels, offsets, paths or checksummed images)."""
+    h5 = workdir / "data" / "prepared" / "digits.h5"
+    data = bytearray(h5.read_bytes())
+    rng = np.random.default_rng(seed)
+    for pos in rng.integers(0, min(len(data), 1 << 16) if seed % 2 == 0 else len(data), 8):
+        data[pos] ^= 0xFF
+    damaged = workdir / f"flipped{seed}.h5"  # a new file: HDF5 would serve a still-open one rewritten in place
+    damaged.write_bytes(bytes(data))
+    assert_clean_failure(workdir, "info", damaged, "--verify", pattern=str(damaged))
+
+
 def test_flipped_pixels_are_named_by_image(workdir):
     h5 = workdir / "data" / "prepared" / "digits.h5"
     with h5py.File(h5, "r") as f:
