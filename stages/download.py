@@ -153,9 +153,9 @@ def download_pacs(out_dir: Path, params: DownloadParams) -> Path:
                            f"--splits FOLDER holding the official <domain>_{{train,crossval,test}}_kfold.txt lists")
         for name in names:  # checked before anything is put in place
             manifest.check_file(f"splits/{name}", sha256_file(lists[name]), str(lists[name]))
-        count = install_folder(root, hashes, tree, stage, manifest, "images/", str(local))
-        for name in names:
+        for name in names:  # before the images: lists inside the image folder move with it
             install_file(lists[name], manifest, f"splits/{name}", str(lists[name]))
+        count = install_folder(root, hashes, tree, stage, manifest, "images/", str(local))
         manifest.save()
     discard_download(local, out_dir)
     say(f"pacs: {count} files in {out_dir / 'images'} and {len(names)} split lists in {out_dir / 'splits'}, "

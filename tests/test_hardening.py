@@ -528,6 +528,40 @@ def test_allow_large_lets_a_large_archive_through_the_size_check(pacs_dir):
                          pattern="split lists not found")
 
 
+def pacs_copy_with_lists(path: Path) -> bytes:
+    """A tiny PACS copy as some mirrors pack it: the kfold lists inside the image folder."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for domain in ("art_painting", "cartoon", "photo", "sketch"):
+            for k in range(3):
+                zf.writestr(f"pacs/{domain}/dog/{k}.jpg", rng.bytes(300))
+            for split in ("train", "crossval", "test"):
+                zf.writestr(f"pacs/{domain}_{split}_kfold.txt", f"{domain}/dog/0.jpg 1\n")
+    return path.read_bytes()
+
+
+def test_lists_inside_the_image_folder_are_installed(pacs_dir):
+    archive = pacs_dir / "PACS.zip"
+    pacs_copy_with_lists(archive)
+    result = runner.invoke(app, ["download", "pacs", "--from", str(archive)])
+    assert result.exit_code == 0, result.output
+    raw = pacs_dir / "data" / "raw" / "pacs"
+    assert sorted(p.name for p in raw.iterdir()) == ["MANIFEST.json", "images", "splits"]
+    assert len(list((raw / "splits").iterdir())) == 12
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fuzzed_byte_flips_in_archive(pacs_dir, seed):
+    """4 seeded byte flips anywhere in the zip: refused in one line, nothing installed."""
+    archive = pacs_dir / "PACS.zip"
+    data = bytearray(pacs_copy_with_lists(archive))
+    for pos in np.random.default_rng(seed).integers(0, len(data), 4):
+        data[pos] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    assert_clean_failure(pacs_dir, "download", "pacs", "--from", archive)
+    assert not (pacs_dir / "data" / "raw" / "pacs").exists()
+
+
 # --------------------------------------------------------------------------- a seeded fuzz of params files
 
 KEYS = {  # section -> keys to perturb
