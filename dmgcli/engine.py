@@ -13,6 +13,7 @@ import random
 import re
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -207,6 +208,11 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     try:
         if path.stat().st_size == 0:
             raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
+        damaged = damaged_member(path)
+        if damaged:
+            record = damaged.split("/", 1)[-1]  # torch names the archive's top folder after the file
+            raise DmgError(f"checkpoint {name} is damaged (its record {shorten(record, 60)} fails its CRC check); "
+                           f"{advice}")
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise beside the one-line error
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -234,6 +240,21 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")
     return ckpt
+
+
+def damaged_member(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip archive) whose bytes fail their CRC, if any.
+
+    torch.load does not check them, so a flipped byte in the weights would load silently.
+    Files that are not zips are left to torch.load to judge."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+        return None
+    except zlib.error:
+        return "a record"
 
 
 def first_line(exc: BaseException) -> str:

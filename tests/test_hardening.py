@@ -432,6 +432,20 @@ def test_bad_last_checkpoint_on_resume(workdir, trained_run, how):
                          "--resume", pattern=f"checkpoint {run / 'last.pt'}")
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_fuzzed_byte_flips_in_a_checkpoint(workdir, trained_run, seed):
+    """4 seeded flips anywhere in best.pt: refused in one line (torch.load alone would load
+    most of them silently, into wrong weights)."""
+    run = workdir / "run"
+    run.mkdir()
+    data = bytearray((trained_run / "best.pt").read_bytes())
+    for pos in np.random.default_rng(seed).integers(0, len(data), 4):
+        data[pos] ^= 0xFF
+    (run / "best.pt").write_bytes(bytes(data))
+    assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--run", run, "--out", workdir / "m.json",
+                         "--device", "cpu", pattern=f"checkpoint {run / 'best.pt'}")
+
+
 @pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '{"epochs": 1}', "\xff\xfe"])
 def test_corrupt_run_record(workdir, trained_run, text):
     run = workdir / "run"
