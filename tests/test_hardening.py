@@ -633,3 +633,9 @@ def test_real_processes_print_exactly_one_line(workdir):
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("dmg: error: "), done.stderr
     assert files_in(workdir) == before
+
+
+def test_metrics_output_that_is_a_folder(workdir, trained_run):
+    (workdir / "metrics.json").mkdir()
+    assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--run", trained_run, "--device", "cpu",
+                         "--out", workdir / "metrics.json", pattern="a folder of that name is in the way")
