@@ -88,7 +88,8 @@ def download(
     from stages.download import download as run
 
     params = load_params(params_file)
-    out = run(dataset, params.data_dir, override(params.download, source=source, splits=splits, allow_large=allow_large or None))
+    settings = override(params.download, source=source, splits=splits, allow_large=allow_large or None)
+    out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: raw files in {out}")
 
 

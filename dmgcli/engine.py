@@ -230,12 +230,14 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated zips, foreign formats and other unpickling errors
         raise DmgError(f"checkpoint {name} could not be read: {shorten(first_line(exc))}; {advice}") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if not isinstance(ckpt, dict) or missing or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+    malformed = not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))
+    if missing or malformed:
         what = f"lacks {', '.join(missing)}" if missing else "has a malformed model or config"
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (it {what}); {advice}")
     unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(MethodConfig)})
     if unknown:
-        raise DmgError(f"checkpoint {name} has config keys this dmg does not know ({shorten(', '.join(map(str, unknown)))}); "
+        keys_text = shorten(", ".join(map(str, unknown)))
+        raise DmgError(f"checkpoint {name} has config keys this dmg does not know ({keys_text}); "
                        f"was it written by another version?")
     if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")

@@ -295,7 +295,8 @@ class SplitReader:
                                f"the file is corrupt: run `dmg preprocess` again")
         elif stored != n or tuple(shape) != (info.height, info.width, info.channels):
             raise DmgError(f"{where}: {stored} images of shape {tuple(shape)} for {n} labels of "
-                           f"{info.height}x{info.width}x{info.channels}; the file is corrupt: run `dmg preprocess` again")
+                           f"{info.height}x{info.width}x{info.channels}; the file is corrupt: run `dmg preprocess` "
+                           f"again")
         if self.crc32 is not None and len(self.crc32) != n:
             raise DmgError(f"{where}: {len(self.crc32)} checksums for {n} images; the file is corrupt: "
                            f"run `dmg preprocess` again")

@@ -126,7 +126,8 @@ class Schedule:
         check_range(f"{key}.weight_decay", self.weight_decay, minimum=0)
         check_choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.lr_schedule == "exponential" and not 0 < self.gamma <= 1:
-            raise DmgError(f"params: {key}.gamma must be in (0, 1] for an exponential schedule, got {quote(self.gamma)}")
+            raise DmgError(f"params: {key}.gamma must be in (0, 1] for an exponential schedule, "
+                           f"got {quote(self.gamma)}")
         if self.lr_schedule == "inverse":
             check_range(f"{key}.gamma", self.gamma, positive=True)
             check_range(f"{key}.power", self.power, positive=True)

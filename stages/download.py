@@ -56,7 +56,8 @@ def local_source(source: str) -> Path:
 MAX_EXTRACTED = {"pacs": 5 * 10**9, "domainnet": 50 * 10**9}
 
 
-def unpack(local: Path, stage: Path, manifest: Manifest, allow_large: bool = False) -> tuple[Path, dict[str, str] | None]:
+def unpack(local: Path, stage: Path, manifest: Manifest,
+           allow_large: bool = False) -> tuple[Path, dict[str, str] | None]:
     """A zip is checked against the manifest and extracted into the stage; a folder is used as is.
 
     Returns the folder and, for an extracted zip, its files' sha256 (None for a user's folder).

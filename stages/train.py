@@ -24,7 +24,8 @@ from dmgcli import augment as aug
 from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import (LAST_CHECKPOINT_KEYS, autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
+from dmgcli.engine import LAST_CHECKPOINT_KEYS
+from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
                            resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                            train_one_epoch, training_objective)
 from dmgcli.errors import DmgError

@@ -96,7 +96,8 @@ def test_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
     debris = [raw / ".fetch.k3j2.tmp" / "unpacked" / "x.jpg", raw / ".MANIFEST.json.a8f1.tmp",
               raw / ".images.old.4242" / "y.jpg", prepared / ".digits.h5.q9w8.tmp",
               prepared / ".digits.report.json.z1x2.tmp"]
-    keep = [prepared / ".pacs.h5.q9w8.tmp", raw / "downloads" / "pacs.zip.part"]  # another output's; a resumable transfer
+    # another output's temporary file, and a transfer to resume: both kept
+    keep = [prepared / ".pacs.h5.q9w8.tmp", raw / "downloads" / "pacs.zip.part"]
     for path in debris + keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")
