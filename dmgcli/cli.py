@@ -6,6 +6,7 @@ plain function in stages/. Errors a user can fix print one line on stderr and ex
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ import typer
 
 from .datasets import get_dataset, resolve_dataset
 from .errors import DmgError
+from .fileio import shorten
 from .params import load_params, override
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
@@ -22,9 +24,22 @@ app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preproces
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file; flags override its values.")
 
 
+MAX_MESSAGE = 400  # characters; a message quoting a huge path or value is cut
+
+
 def fail(message: str, code: int = 1):
-    typer.echo(f"dmg: error: {message}", err=True)
+    typer.echo(f"dmg: error: {shorten(message, MAX_MESSAGE)}", err=True)
     raise typer.Exit(code)
+
+
+def one_line(exc: DmgError) -> str:
+    """The message of a DmgError. One raised in a DataLoader worker arrives re-raised with the
+    worker's traceback inside its message; its last line is the original message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
 
 
 def handle_errors(fn):
@@ -34,9 +49,14 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DmgError as exc:
-            fail(str(exc))
+            fail(one_line(exc))
         except KeyboardInterrupt:
             fail("interrupted; completed checkpoints and files are intact", 130)
+        except OSError as exc:
+            if exc.filename is None or exc.strerror is None:
+                raise  # not about a file the user named: a bug to see in full
+            # a folder that is a file, a read-only place, a full disk: the user's to fix
+            fail(f"{shorten(exc.filename, 200)}: {exc.strerror}")
         except Exception as exc:
             # torch.OutOfMemoryError, or a RuntimeError from a library that ran out (cuDNN, nvJPEG)
             if type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
@@ -61,13 +81,15 @@ def download(
     dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
     source: Optional[str] = typer.Option(None, "--from", help="Local zip, extracted folder or mirror URL to use instead of the public download."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Folder holding the split lists (PACS: <domain>_{train,crossval,test}_kfold.txt; DomainNet: official/ and tv_0.9_splits/); default: look beside the images."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Extract an archive even if it expands far beyond the dataset's size (refused by default: a zip bomb)."),
     params_file: Path = PARAMS_OPTION,
 ):
     """Fetch a dataset's raw files into <data_dir>/raw/<dataset>, verified against its MANIFEST.json."""
     from stages.download import download as run
 
     params = load_params(params_file)
-    out = run(dataset, params.data_dir, override(params.download, source=source, splits=splits))
+    settings = override(params.download, source=source, splits=splits, allow_large=allow_large or None)
+    out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: raw files in {out}")
 
 
@@ -273,11 +295,12 @@ def sweep(
 
 @app.command()
 @handle_errors
-def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
+def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
+         verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):
     """Per domain and split: image and class counts, and the file's provenance."""
     from stages.info import describe
 
-    typer.echo(describe(path))
+    typer.echo(describe(path, verify))
 
 
 def main() -> None:

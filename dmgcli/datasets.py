@@ -65,6 +65,7 @@ def resolve_dataset(target: str, explicit: str | None, configured: str) -> Datas
     An explicit --dataset wins. Otherwise a target that names a domain of exactly one
     dataset selects that dataset; an ambiguous name (e.g. `sketch`) uses params.yaml's.
     """
+    get_dataset(configured)  # params.yaml's dataset must exist even where the target decides
     if explicit:
         info = get_dataset(explicit)
     else:

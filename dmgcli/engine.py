@@ -7,10 +7,15 @@ default layout), so CPU results do not depend on this module's GPU settings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
+import re
 import time
+import warnings
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,8 +25,8 @@ from tqdm import tqdm
 from . import distributed
 from .data import BatchStream
 from .errors import DmgError
-from .fileio import atomic_path
-from .methods import Method
+from .fileio import atomic_path, shorten
+from .methods import Method, MethodConfig
 from .params import Schedule
 
 PRECISIONS = ("bf16", "fp32")
@@ -215,14 +220,78 @@ def save_checkpoint(path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path) -> dict:
-    """weights_only=True: a checkpoint file can hold tensors and plain data, never code."""
+CHECKPOINT_KEYS = ("identity", "config", "model", "epoch")  # best.pt and last.pt
+LAST_CHECKPOINT_KEYS = CHECKPOINT_KEYS + ("best", "log", "settings", "optimizers", "scheduler", "rng")  # last.pt
+
+
+def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """weights_only=True: a checkpoint file can hold tensors and plain data, never code.
+
+    Anything that is not a complete dmg checkpoint (empty, truncated, foreign, a pickle that
+    would run code, or missing one of `keys`) is one DmgError line naming the file.
+    """
+    import pickle
+
+    path = Path(path)
+    name = shorten(path, 200)  # as error messages quote it
+    advice = "delete it, or train again (--resume continues from last.pt)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.stat().st_size == 0:
+            raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
+        damaged = damaged_member(path)
+        if damaged:
+            record = damaged.split("/", 1)[-1]  # torch names the archive's top folder after the file
+            raise DmgError(f"checkpoint {name} is damaged (its record {shorten(record, 60)} fails its CRC check); "
+                           f"{advice}")
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise beside the one-line error
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DmgError(f"checkpoint {path} not found") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling errors of many kinds
-        raise DmgError(f"checkpoint {path} could not be read: {exc}") from None
+        raise DmgError(f"checkpoint {name} not found") from None
+    except DmgError:
+        raise
+    except pickle.UnpicklingError as exc:  # torch's message runs to 8 lines of advice about trusting the file
+        refused = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        if refused:
+            raise DmgError(f"checkpoint {name} was refused: it would load {shorten(refused.group(1), 60)}, not just "
+                           f"tensors and plain data (dmg never runs code from a checkpoint)") from None
+        raise DmgError(f"checkpoint {name} could not be read: not a PyTorch checkpoint (corrupt or another "
+                       f"format); {advice}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, foreign formats and other unpickling errors
+        raise DmgError(f"checkpoint {name} could not be read: {shorten(first_line(exc))}; {advice}") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    malformed = not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))
+    if missing or malformed:
+        what = f"lacks {', '.join(missing)}" if missing else "has a malformed model or config"
+        raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (it {what}); {advice}")
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(MethodConfig)})
+    if unknown:
+        keys_text = shorten(", ".join(map(str, unknown)))
+        raise DmgError(f"checkpoint {name} has config keys this dmg does not know ({keys_text}); "
+                       f"was it written by another version?")
+    if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
+        raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")
+    return ckpt
+
+
+def damaged_member(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip archive) whose bytes fail their CRC, if any.
+
+    torch.load does not check them, so a flipped byte in the weights would load silently.
+    Files that are not zips are left to torch.load to judge."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+        return None
+    except zlib.error:
+        return "a record"
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_model_state(module: torch.nn.Module, state: dict, path) -> None:

@@ -330,33 +330,69 @@ def _unsafe_reason(name: str) -> str | None:
     return None
 
 
+SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+MAX_EXPANSION = 20  # images barely compress: a real dataset zip expands by ~1x, a zip bomb by 100x and more
+
+
 def check_zip_members(zf: zipfile.ZipFile, archive: Path) -> None:
-    """Refuse the whole archive if any member could be written outside the target folder."""
-    for info in zf.infolist():
+    """Refuse the whole archive if any member could be written outside the target folder,
+    or could not be extracted as a plain file: encrypted, an unsupported compression (deflate64),
+    a link to a folder or to nothing, a name given twice."""
+    infos = zf.infolist()
+    files = {i.filename for i in infos if not i.is_dir() and not _is_link(i)}
+    seen: set[str] = set()
+    for info in infos:
+        name = info.filename.rstrip("/")
         reason = _unsafe_reason(info.filename)
+        if reason is None and name in seen:
+            reason = "a second member of the same name"
+        if reason is None and info.flag_bits & 0x1:
+            reason = "encrypted"
+        if reason is None and info.compress_type not in SUPPORTED_COMPRESSION:
+            reason = f"compression method {info.compress_type} is not supported (re-zip it with deflate)"
         if reason is None and _is_link(info):
             target = zf.read(info).decode("utf-8", "replace")
             inside = os.path.normpath(os.path.join(os.path.dirname(info.filename), target))
             if _unsafe_reason(target) == "absolute path" or inside == ".." or inside.startswith("../"):
-                reason = f"link to {target!r} outside the archive"
+                reason = f"link to {target[:80]!r} outside the archive"
+            elif inside not in files:
+                reason = f"link to {target[:80]!r}, which is no file of the archive"
+        seen.add(name)
         if reason:
-            raise DmgError(f"{archive}: refusing to extract member {info.filename!r} ({reason}); "
+            raise DmgError(f"{archive}: refusing to extract member {info.filename[:120]!r} ({reason}); "
                            f"nothing was extracted")
 
 
-def safe_extract(archive: Path, into: Path) -> dict[str, str]:
+def check_zip_size(zf: zipfile.ZipFile, archive: Path, max_bytes: int | None) -> None:
+    """Refuse an archive whose directory announces an implausible expansion (a zip bomb), before
+    anything is written. max_bytes: the most the dataset's files can take; None: no such limit."""
+    total = sum(i.file_size for i in zf.infolist())
+    size = max(archive.stat().st_size, 1)
+    override = "; pass --allow-large if this archive is really what you want"
+    if total > MAX_EXPANSION * size:
+        raise DmgError(f"{archive}: {size / 1e6:.1f} MB would expand to {total / 1e9:.2f} GB ({total // size}x), "
+                       f"implausible for image files{override}")
+    if max_bytes is not None and total > max_bytes:
+        raise DmgError(f"{archive} would expand to {total / 1e9:.2f} GB, more than the dataset's "
+                       f"{max_bytes / 1e9:.0f} GB{override}")
+
+
+def safe_extract(archive: Path, into: Path, max_bytes: int | None = None, allow_large: bool = False) -> dict[str, str]:
     """Extract a zip into folder `into` (must not exist); returns member path -> sha256.
 
-    Every member is checked before anything is written; extraction goes to a temporary
-    sibling folder renamed to `into` only after the last member passed its CRC check.
+    Every member is checked before anything is written (and the total size, unless
+    allow_large); extraction goes to a temporary sibling folder renamed to `into` only after
+    the last member passed its CRC check.
     """
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise DmgError(f"{archive} is not a readable zip archive ({exc}): truncated or corrupt; "
                        f"delete it and fetch it again") from None
     with zf, staging(into.parent, into.name) as tmp:
         check_zip_members(zf, archive)
+        if not allow_large:
+            check_zip_size(zf, archive, max_bytes)
         infos = zf.infolist()
         needed, free = sum(i.file_size for i in infos), shutil.disk_usage(into.parent).free
         if needed > free:
@@ -372,9 +408,9 @@ def safe_extract(archive: Path, into: Path) -> dict[str, str]:
                     links.append(info)  # created after the regular files, so no write goes through a link
                 else:
                     hashes[member] = _extract_member(zf, info, tmp / member)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-            raise DmgError(f"{archive}: member {member!r} is corrupt ({exc}); delete the archive and fetch it "
-                           f"again") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+            raise DmgError(f"{archive}: member {member[:120]!r} is corrupt ({str(exc)[:120]}); delete the archive "
+                           f"and fetch it again") from None
         for info in links:
             (tmp / info.filename).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(zf.read(info).decode(), tmp / info.filename)

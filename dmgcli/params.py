@@ -6,7 +6,9 @@ flags override values after loading, through `override`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,16 +18,43 @@ from typing import Any, Optional
 import yaml
 
 from .errors import DmgError
+from .fileio import shorten
 
 
-def check_range(key: str, value, minimum: float | None = None, positive: bool = False) -> None:
+def quote(value) -> str:
+    """A value as an error message quotes it: its repr, cut to 80 characters (and safe for any depth)."""
+    import reprlib
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 6, 60, 60
+    text = short.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_range(key: str, value, minimum: float | None = None, positive: bool = False,
+                maximum: float | None = None) -> None:
     """One-line errors for values of the right type but out of range (None means "default")."""
     if value is None:
         return
     if minimum is not None and value < minimum:
-        raise DmgError(f"params: {key} must be at least {minimum}, got {value!r}")
+        raise DmgError(f"params: {key} must be at least {minimum}, got {quote(value)}")
+    if maximum is not None and value > maximum:
+        raise DmgError(f"params: {key} must be at most {maximum}, got {quote(value)}")
     if positive and value <= 0:
-        raise DmgError(f"params: {key} must be positive, got {value!r}")
+        raise DmgError(f"params: {key} must be positive, got {quote(value)}")
+
+
+def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DmgError(f"params: {key} must be one of {', '.join(choices)}, got {quote(value)}")
+
+
+SEED_LIMIT = 2**32  # numpy and torch seed generators with 32-bit values
+
+
+def check_seeds(key: str, seeds) -> None:
+    for seed in seeds:
+        if not 0 <= seed < SEED_LIMIT:
+            raise DmgError(f"params: {key} must be in [0, 2^32), got {quote(seed)}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +65,9 @@ class MatrixParams:
     backbones: tuple[str, ...] = ("convnet",)
     seeds: tuple[int, ...] = (0,)
 
+    def __post_init__(self):
+        check_seeds("matrix.seeds", self.seeds)
+
 
 @dataclass(frozen=True)
 class DownloadParams:
@@ -43,6 +75,11 @@ class DownloadParams:
     splits: Optional[str] = None  # folder holding the split lists (--splits); None: look beside the images
     retries: int = 3  # further attempts after a failed transfer (each resumes it)
     timeout: float = 60.0  # seconds without data before an attempt counts as failed
+    allow_large: bool = False  # extract archives far larger than the dataset's (--allow-large)
+
+    def __post_init__(self):
+        check_range("download.retries", self.retries, minimum=0)
+        check_range("download.timeout", self.timeout, positive=True)
 
 
 @dataclass(frozen=True)
@@ -55,6 +92,17 @@ class PreprocessParams:
     val_split: str = "tv_0.9"  # DomainNet validation: "tv_0.9" (the reference split) or "seeded"
     val_fraction: float = 0.1  # DomainNet "seeded" validation share of the official train list
     digits_size: int = 16  # side length of the upsampled, rotated digits
+
+    def __post_init__(self):
+        check_range("preprocess.image_size", self.image_size, minimum=8)
+        check_choice("preprocess.encoding", self.encoding, ("jpeg", "raw"))
+        check_range("preprocess.jpeg_quality", self.jpeg_quality, minimum=1, maximum=100)
+        check_range("preprocess.workers", self.workers, minimum=0)
+        check_seeds("preprocess.seed", [self.seed])
+        check_choice("preprocess.val_split", self.val_split, ("tv_0.9", "seeded"))
+        if not 0 < self.val_fraction < 1:
+            raise DmgError(f"params: preprocess.val_fraction must be between 0 and 1, got {quote(self.val_fraction)}")
+        check_range("preprocess.digits_size", self.digits_size, minimum=8)
 
 
 @dataclass(frozen=True)
@@ -69,6 +117,25 @@ class Schedule:
     gamma: float = 0.99  # exponential: lr *= gamma each epoch; inverse: lr * (1 + gamma * t) ** -power
     power: float = 0.75
     decay_masks: bool = False  # the schedule also decays the masks' lr (the reference: DomainNet yes, PACS no)
+
+    def check(self, key: str) -> None:
+        """Range checks; key names the schedule (train.schedules.<dataset>)."""
+        check_range(f"{key}.epochs", self.epochs, minimum=1)
+        check_range(f"{key}.baseline_epochs", self.baseline_epochs, minimum=1)
+        check_range(f"{key}.lr", self.lr, positive=True)
+        check_range(f"{key}.mask_lr", self.mask_lr, positive=True)
+        check_range(f"{key}.weight_decay", self.weight_decay, minimum=0)
+        check_choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.lr_schedule == "exponential" and not 0 < self.gamma <= 1:
+            raise DmgError(f"params: {key}.gamma must be in (0, 1] for an exponential schedule, "
+                           f"got {quote(self.gamma)}")
+        if self.lr_schedule == "inverse":
+            check_range(f"{key}.gamma", self.gamma, positive=True)
+            check_range(f"{key}.power", self.power, positive=True)
+
+
+LR_SCHEDULES = ("exponential", "inverse", "constant")
+MASK_INITS = ("uniform", "constant")  # what dmgcli.core.DomainMasks accepts
 
 
 DEFAULT_SCHEDULES = {
@@ -111,6 +178,10 @@ class TrainParams:
         check_range("train.overlap_lambda", self.overlap_lambda, minimum=0)
         check_range("train.lr", self.lr, positive=True)
         check_range("train.mask_lr", self.mask_lr, positive=True)
+        check_seeds("train.seed", [self.seed])
+        check_choice("train.mask_init", self.mask_init, MASK_INITS)
+        for name, schedule in self.schedules.items():
+            schedule.check(f"train.schedules.{name}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +203,10 @@ class SweepParams:
     targets: tuple[str, ...] = ("rot0",)  # domains of `dataset`
     seeds: tuple[int, ...] = (0,)
     epochs: Optional[int] = None  # None: the dataset schedule's epochs, so sweep points match the main runs
+
+    def __post_init__(self):
+        check_seeds("report.sweep.seeds", self.seeds)
+        check_range("report.sweep.epochs", self.epochs, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -176,43 +251,46 @@ def _convert(value: Any, tp, key: str) -> Any:
                 return _convert(value, arg, key)
             except DmgError:
                 continue
-        raise DmgError(f"params: {key} must be {_describe(tp)}, got {value!r}")
+        raise DmgError(f"params: {key} must be {_describe(tp)}, got {quote(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise DmgError(f"params: {key} must be a mapping, got {value!r}")
+            raise DmgError(f"params: {key} must be a mapping, got {quote(value)}")
         return from_dict(tp, value, key)
     if origin is tuple:
         item_type = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
-            raise DmgError(f"params: {key} must be a list, got {value!r}")
+            raise DmgError(f"params: {key} must be a list, got {quote(value)}")
         return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         _, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise DmgError(f"params: {key} must be a mapping, got {value!r}")
+            raise DmgError(f"params: {key} must be a mapping, got {quote(value)}")
         return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool):
-            raise DmgError(f"params: {key} must be a number, got {value!r}")
+            raise DmgError(f"params: {key} must be a number, got {quote(value)}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise DmgError(f"params: {key} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and not math.isfinite(number):
+            raise DmgError(f"params: {key} must be a finite number, got {quote(value)}")
+        if number is not None:
+            return number
+        raise DmgError(f"params: {key} must be a number, got {quote(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DmgError(f"params: {key} must be an integer, got {value!r}")
+            raise DmgError(f"params: {key} must be an integer, got {quote(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise DmgError(f"params: {key} must be true or false, got {value!r}")
+            raise DmgError(f"params: {key} must be true or false, got {quote(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise DmgError(f"params: {key} must be a string, got {value!r}")
+            raise DmgError(f"params: {key} must be a string, got {quote(value)}")
         return value
     raise TypeError(f"unsupported params annotation {tp!r} for {key}")
 
@@ -224,7 +302,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise DmgError(f"params: unknown key {where!r}; valid: {', '.join(sorted(names))}")
+            raise DmgError(f"params: unknown key {quote(where)}; valid: {', '.join(sorted(names))}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -236,6 +314,21 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise DmgError(f"params: {prefix or 'root'}: {exc}") from None
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; anything past 1 MB is a mistake
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a few hundred bytes of nested aliases can expand
+    to gigabytes ("billion laughs"), and params files have no need for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise DmgError(f"params: YAML aliases (*{shorten(event.anchor, 40)}) are not supported "
+                           f"(line {event.start_mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read params.yaml; a missing file gives the defaults, a malformed one an error."""
     path = Path(path)
@@ -243,12 +336,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if path.name == "params.yaml" and path.parent == Path("."):
             return Params()
         raise DmgError(f"params file {path} not found")
+    if not path.is_file():
+        raise DmgError(f"params file {path} is not a file")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise DmgError(f"params file {path} is {path.stat().st_size} bytes; more than {MAX_PARAMS_BYTES} is "
+                       f"not a params file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DmgError(f"params file {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DmgError(f"params file {path} could not be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise DmgError(f"params: {path} is not valid YAML{where}") from None
+    except RecursionError:
+        raise DmgError(f"params: {path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise DmgError(f"params: {path} must hold a mapping of sections")
     return from_dict(Params, data)

@@ -79,6 +79,10 @@ def settings_for(device: torch.device, method: str = "dmg", **overrides) -> Benc
     values = {**DEFAULTS["cuda" if device.type == "cuda" else "cpu"], "method": method}
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = BenchSettings(**values)
+    # Counts first: --domains 0 would wait forever for a batch, --classes 0 build an empty classifier.
+    if settings.domains < 1 or settings.classes < 2 or settings.workers < 0:
+        raise DmgError(f"bench: --domains must be at least 1, --classes at least 2 and --workers at least 0, got "
+                       f"{settings.domains}, {settings.classes} and {settings.workers}")
     # Unknown names fail here, before minutes of encoding images.
     build_backbone(settings.backbone, settings.classes)
     if settings.method not in METHODS:

@@ -20,6 +20,7 @@ from dmgcli.datasets import get_dataset, raw_dir
 from dmgcli.errors import DmgError
 from dmgcli.fetch import (Manifest, copy_file, copy_tree, download_gdrive, download_url, find_files, find_folder,
                           is_gdrive, is_url, replace_dir, safe_extract, sha256_file, staging, subtree, url_basename)
+from dmgcli.fileio import run_lock
 from dmgcli.params import DownloadParams
 
 
@@ -50,7 +51,13 @@ def local_source(source: str) -> Path:
     return path
 
 
-def unpack(local: Path, stage: Path, manifest: Manifest) -> tuple[Path, dict[str, str] | None]:
+# The most one archive of a dataset can expand to (PACS: 0.2 GB; DomainNet's largest domain, real: 6 GB);
+# more means a wrong or malicious file (--allow-large overrides).
+MAX_EXTRACTED = {"pacs": 5 * 10**9, "domainnet": 50 * 10**9}
+
+
+def unpack(local: Path, stage: Path, manifest: Manifest,
+           allow_large: bool = False) -> tuple[Path, dict[str, str] | None]:
     """A zip is checked against the manifest and extracted into the stage; a folder is used as is.
 
     Returns the folder and, for an extracted zip, its files' sha256 (None for a user's folder).
@@ -59,7 +66,7 @@ def unpack(local: Path, stage: Path, manifest: Manifest) -> tuple[Path, dict[str
         return local, None
     manifest.check_source(local.name, local, str(local))
     unpacked = stage / "unpacked"
-    return unpacked, safe_extract(local, unpacked)
+    return unpacked, safe_extract(local, unpacked, MAX_EXTRACTED.get(manifest.dataset), allow_large)
 
 
 def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage: Path, manifest: Manifest,
@@ -133,7 +140,7 @@ def download_pacs(out_dir: Path, params: DownloadParams) -> Path:
         return out_dir
     with staging(out_dir, "fetch") as stage:
         local = pacs_archive(out_dir, params)
-        tree, hashes = unpack(local, stage, manifest)
+        tree, hashes = unpack(local, stage, manifest, params.allow_large)
         domains = set(get_dataset("pacs").domains)
         root = find_folder(tree, domains)
         if root is None:
@@ -147,9 +154,9 @@ def download_pacs(out_dir: Path, params: DownloadParams) -> Path:
                            f"--splits FOLDER holding the official <domain>_{{train,crossval,test}}_kfold.txt lists")
         for name in names:  # checked before anything is put in place
             manifest.check_file(f"splits/{name}", sha256_file(lists[name]), str(lists[name]))
-        count = install_folder(root, hashes, tree, stage, manifest, "images/", str(local))
-        for name in names:
+        for name in names:  # before the images: lists inside the image folder move with it
             install_file(lists[name], manifest, f"splits/{name}", str(lists[name]))
+        count = install_folder(root, hashes, tree, stage, manifest, "images/", str(local))
         manifest.save()
     discard_download(local, out_dir)
     say(f"pacs: {count} files in {out_dir / 'images'} and {len(names)} split lists in {out_dir / 'splits'}, "
@@ -293,7 +300,7 @@ def fetch_domain(domain: str, folder: Path | None, base: str, manifest: Manifest
                 hint = (f"fetch it by hand and put it in {local.parent}/ or run `dmg download domainnet --from "
                         f"FOLDER` with FOLDER holding the six domain zips")
                 local = download_url(url, local, params.retries, params.timeout, hint)
-        tree, hashes = unpack(local, stage, manifest)
+        tree, hashes = unpack(local, stage, manifest, params.allow_large)
         root = tree / domain if hashes is not None else tree
         if not root.is_dir():
             raise DmgError(f"{local} holds no {domain}/ folder")
@@ -323,6 +330,6 @@ def download(dataset: str, data_dir: str | Path, params: DownloadParams) -> Path
     """Fetch `dataset` into data_dir/raw/<dataset>; returns the folder."""
     info = get_dataset(dataset)
     out_dir = raw_dir(data_dir, info.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    DOWNLOADERS[info.name](out_dir, params)
+    with run_lock(out_dir):  # one writer per raw folder; clears a killed run's staging folders
+        DOWNLOADERS[info.name](out_dir, params)
     return out_dir

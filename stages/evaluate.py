@@ -24,7 +24,7 @@ from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
-from dmgcli.fileio import read_json, write_json
+from dmgcli.fileio import read_record, write_json
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
 from dmgcli.params import EvaluateParams, TrainParams
@@ -98,7 +98,7 @@ def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train
         correct, total = correct_counts(method, sources, eval_aug, mode, len(spec.sources))
         per_domain = {d: 100.0 * c / max(t, 1) for d, c, t in zip(spec.sources, correct, total)}
         in_domain[mode] = {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain)}
-    best = read_json(folder / "run.json")["best"] if (folder / "run.json").exists() else {}
+    best = read_record(folder / "run.json", ("best",))["best"] if (folder / "run.json").exists() else {}
     metrics = {
         "dataset": info.name, "backbone": config.backbone, "method": spec.method, "target": spec.target,
         "in_domain_split": info.in_domain_split,

@@ -7,37 +7,59 @@ from pathlib import Path
 import numpy as np
 
 from dmgcli.datasets import SPLITS
-from dmgcli.h5data import open_file, read_info
+from dmgcli.errors import DmgError
+from dmgcli.h5data import SplitReader, has_split, open_file, read_info
 
 CLASS_TABLE_LIMIT = 12  # more classes than this (DomainNet: 345) are summarised, not tabulated
 
 
-def describe(path: str | Path) -> str:
-    """Per domain and split: images and distinct classes; images per class; then the provenance."""
+def describe(path: str | Path, verify: bool = False) -> str:
+    """Per domain and split: images and distinct classes; images per class; then the provenance.
+
+    verify: also read every image and check it against its stored crc32 (and decode it); any
+    mismatch is an error naming the images.
+    """
     info = read_info(path)
     size = Path(path).stat().st_size
     lines = [f"{path}: dataset {info.dataset}, {len(info.classes)} classes, {len(info.domains)} domains, "
              f"{info.encoding} {info.height}x{info.width}x{info.channels}, {size / 1e6:.1f} MB",
              f"{'domain':<14}" + "".join(f"{s:>18}" for s in SPLITS)]
     counts: dict[tuple[str, str], np.ndarray] = {}  # (domain, split) -> images per class
+    readers = []
     with open_file(path) as f:
-        for domain in info.domains:
-            cells = []
-            for split in SPLITS:
-                key = f"{domain}/{split}"
-                if key in f:
-                    labels = f[key]["labels"][:]
-                    counts[domain, split] = np.bincount(labels, minlength=len(info.classes))
-                    cells.append(f"{len(labels)} ({len(np.unique(labels))} cls)")
-                else:
-                    cells.append("-")
-            lines.append(f"{domain:<14}" + "".join(f"{c:>18}" for c in cells))
-        total = sum(int(c.sum()) for c in counts.values())
-        lines.append(f"{'total':<14}{total:>18}")
-        lines += class_counts(info.classes, counts)
-        lines.append("provenance: " + json.dumps(info.provenance, indent=2, sort_keys=True))
-        lines.append(f"tool version: {f.attrs.get('tool_version')}")
+        present = {(d, s) for d in info.domains for s in SPLITS if has_split(f, d, s)}
+        tool_version = f.attrs.get("tool_version", "unknown")
+    for domain in info.domains:
+        cells = []
+        for split in SPLITS:
+            if (domain, split) in present:
+                reader = SplitReader(path, domain, split)  # checks labels, offsets and sizes
+                readers.append(reader)
+                counts[domain, split] = np.bincount(reader.labels, minlength=len(info.classes))
+                cells.append(f"{len(reader)} ({len(np.unique(reader.labels))} cls)")
+            else:
+                cells.append("-")
+        lines.append(f"{domain:<14}" + "".join(f"{c:>18}" for c in cells))
+    total = sum(int(c.sum()) for c in counts.values())
+    lines.append(f"{'total':<14}{total:>18}")
+    lines += class_counts(info.classes, counts)
+    lines.append("provenance: " + json.dumps(info.provenance, indent=2, sort_keys=True))
+    lines.append(f"tool version: {tool_version}")
+    if verify:
+        lines.append(verify_images(path, readers, total))
     return "\n".join(lines)
+
+
+def verify_images(path, readers: list[SplitReader], total: int) -> str:
+    """Every image against its checksum; raises naming the first bad images."""
+    bad = [name for r in readers for name in r.verify()]
+    if any(r.crc32 is None for r in readers):  # layout version 1: decoding is all that can be checked
+        checked = "read (no checksums: layout version 1; run `dmg preprocess` again to add them)"
+    else:
+        checked = "match their crc32" + (" and decode" if readers and readers[0].encoding == "jpeg" else "")
+    if bad:
+        raise DmgError(f"{len(bad)} of {total} images are damaged, first {bad[0]}; run `dmg preprocess` again")
+    return f"verified: all {total} images {checked}"
 
 
 def class_counts(classes: tuple[str, ...], counts: dict[tuple[str, str], np.ndarray]) -> list[str]:

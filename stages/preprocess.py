@@ -39,7 +39,7 @@ from dmgcli import __version__
 from dmgcli.datasets import DIGITS_ANGLES, get_dataset, h5_path, raw_dir
 from dmgcli.errors import DmgError
 from dmgcli.fetch import Manifest, sha256_file
-from dmgcli.fileio import write_json
+from dmgcli.fileio import run_lock, write_json
 from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, write_split, writing
 from dmgcli.params import PreprocessParams
 
@@ -606,5 +606,6 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
     if info.name not in PREPROCESSORS:
         raise DmgError(f"preprocessing {info.name} is not available; valid: {', '.join(PREPROCESSORS)}")
     out = h5_path(data_dir, info.name)
-    PREPROCESSORS[info.name](raw_dir(data_dir, info.name), out, params)
+    with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
+        PREPROCESSORS[info.name](raw_dir(data_dir, info.name), out, params)
     return out

@@ -24,11 +24,12 @@ from dmgcli import augment as aug
 from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
+from dmgcli.engine import LAST_CHECKPOINT_KEYS
 from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
                            resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                            train_one_epoch, training_objective)
 from dmgcli.errors import DmgError
-from dmgcli.fileio import write_json, write_text
+from dmgcli.fileio import run_lock, write_json, write_text
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli.methods import Method, MethodConfig, build_method
 from dmgcli.params import TrainParams
@@ -160,7 +161,7 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
     last.pt is written before best.pt, so a crash between the two leaves last.pt naming a best
     epoch whose weights are its own: best.pt is then rewritten from it.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, LAST_CHECKPOINT_KEYS)
     check_identity(ckpt, spec, path)
     check_settings(ckpt, settings, path)
     best_path = path.parent / "best.pt"
@@ -194,7 +195,8 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
                                                  params.seed)
     autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
     with distributed.session(resolve_device(params.device)) as (proc, device):
-        return _train(info, h5, spec, params, out, device, proc, resume, quiet)
+        with run_lock(out, enabled=proc.is_main):  # one writer per run folder; clears a killed run's temp files
+            return _train(info, h5, spec, params, out, device, proc, resume, quiet)
 
 
 def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out: Path, device: torch.device,
