@@ -107,7 +107,9 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (under torchrun: each process its own GPU)."),
     precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (autocast) or fp32; the CPU always uses fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step (CUDA)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files."),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files; default min(8, cores)."),
+    resident: Optional[str] = typer.Option(None, help="Decode each split once and hold it on the device: auto (if it fits in half the free memory), always or never."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt."),
     params_file: Path = PARAMS_OPTION,
@@ -124,7 +126,7 @@ def train(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
-        precision=precision, compile=compile, workers=workers)
+        precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident)
     folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
     if is_main_process():
         typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
