@@ -275,6 +275,39 @@ def sweep(
 
 @app.command()
 @handle_errors
+def study(
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (one GPU: 2-4 for ResNet-18 and AlexNet; see README)."),
+    targets: Optional[list[str]] = typer.Option(None, "--target", help="A target; repeat for several. Default: params.yaml matrix.targets."),
+    methods: Optional[list[str]] = typer.Option(None, "--method", help="A method; repeat for several. Default: matrix.methods."),
+    backbones: Optional[list[str]] = typer.Option(None, "--backbone", help="A backbone; repeat for several. Default: matrix.backbones."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="A seed; repeat for several. Default: matrix.seeds."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run (passed to dmg train); default the schedule's."),
+    resident: Optional[str] = typer.Option(None, help="Passed to dmg train: auto, always or never."),
+    min_free_gb: float = typer.Option(4.0, help="Start another run only while this much device memory (CUDA) or RAM (CPU) is free."),
+    stagger: Optional[float] = typer.Option(None, help="Seconds between starts, so a run's memory shows before the next check; default 20 on CUDA, 0 on the CPU."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Run dmg evaluate after each dmg train."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every run on this device)."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Train (and evaluate) the whole matrix, several runs at once, with a free-memory check before each start.
+
+    The same commands and output folders as dvc.yaml's train/evaluate stages; `dvc commit` records them.
+    """
+    from stages.study import study as run
+
+    params = load_params(params_file)
+    matrix = override(params.matrix, targets=tuple(targets) if targets else None,
+                      methods=tuple(methods) if methods else None, backbones=tuple(backbones) if backbones else None,
+                      seeds=tuple(seeds) if seeds else None)
+    flags = (*(("--epochs", str(epochs)) if epochs is not None else ()),
+             *(("--resident", resident) if resident is not None else ()))
+    seconds = run(params.dataset, params.data_dir, matrix, params_file, jobs=jobs, device=device,
+                  min_free_gb=min_free_gb, stagger=stagger, train_flags=flags, evaluate=evaluate, progress=typer.echo)
+    typer.echo(f"study: {len(seconds)} runs done")
+
+
+@app.command()
+@handle_errors
 def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
     """Per domain and split: image and class counts, and the file's provenance."""
     from stages.info import describe
