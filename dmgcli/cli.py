@@ -182,10 +182,12 @@ def bench(
     augmentation: Optional[str] = typer.Option(None, help="pacs (crop, flip, colour jitter; default), domainnet or none."),
     precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (default) or fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the method's training step."),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
+    concurrent: Optional[list[int]] = typer.Option(None, "--concurrent", help="Also the img/s of this many training processes at once (repeat: --concurrent 1 --concurrent 2 --concurrent 4)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results JSON."),
 ):
-    """Training img/s end to end from HDF5 JPEGs against the same model's plain step (the ceiling).
+    """Training img/s end to end from HDF5 JPEGs (streamed and resident) against the same model's plain step (the ceiling).
 
     Also the input path's share of step time and evaluation img/s, in one run on one device. Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
     """
@@ -195,7 +197,8 @@ def bench(
     results = run(device, method, out, progress=lambda line: typer.echo(line, err=True), backbone=backbone,
                   batch_size=batch_size, steps=steps, warmup=warmup, eval_batch_size=eval_batch_size,
                   eval_steps=eval_steps, workers=workers, domains=domains, classes=classes,
-                  augmentation=augmentation, precision=precision, compile=compile)
+                  augmentation=augmentation, precision=precision, compile=compile, compile_mode=compile_mode,
+                  concurrent=tuple(concurrent) if concurrent else None)
     typer.echo(describe(results))
 
 
