@@ -279,7 +279,7 @@ def sweep(
 @app.command()
 @handle_errors
 def study(
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (one GPU: 2-4 for ResNet-18 and AlexNet; see README)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
     targets: Optional[list[str]] = typer.Option(None, "--target", help="A target; repeat for several. Default: params.yaml matrix.targets."),
     methods: Optional[list[str]] = typer.Option(None, "--method", help="A method; repeat for several. Default: matrix.methods."),
     backbones: Optional[list[str]] = typer.Option(None, "--backbone", help="A backbone; repeat for several. Default: matrix.backbones."),
