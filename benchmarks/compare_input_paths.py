@@ -134,6 +134,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=9991, help="PACS images to use (all: 9991)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="research path workers (default: all cores)")
     parser.add_argument("--our-workers", type=int, default=None, help="our path's workers (default: as --workers)")
+    parser.add_argument("--resident", default="auto", choices=["auto", "always", "never"],
+                        help="our path: hold the decoded images on the device (train.resident; auto: if they fit)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if not args.pacs.exists():
@@ -163,8 +165,10 @@ def main() -> int:
 
         method, objective = fresh_method()
         readers = [SplitReader(Path(tmp) / "ours.h5", d, "train") for d in DOMAINS]
+        start = time.perf_counter()
         stream = BatchStream(DomainImages(readers, list(range(len(DOMAINS)))), args.batch_size, device,
-                             args.our_workers if args.our_workers is not None else args.workers)
+                             args.our_workers if args.our_workers is not None else args.workers, args.resident)
+        results["ours_resident"], results["ours_decode_once_seconds"] = stream.resident, time.perf_counter() - start
         train_aug = aug.get_augmentation("pacs")[0]
         results["ours"] = measure(endless(stream, 0), lambda x: model_input(train_aug(x)), method, objective, args,
                                   device)

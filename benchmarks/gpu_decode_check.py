@@ -60,7 +60,8 @@ def cpu_gpu_difference(files: list[bytes]) -> dict:
 
     flat, sizes = flat_batch(files)
     cpu = decode_batch(flat, sizes, torch.device("cpu")).int()
-    gpu = CudaDecoder(torch.device("cuda"))(flat, sizes).cpu().int()
+    decoder = CudaDecoder(torch.device("cuda"))
+    gpu = decoder.ready(decoder(flat, sizes)).cpu().int()
     diff = (gpu - cpu).abs().float()
     return {"mean": diff.mean().item(), "max": diff.max().item(), "p99": diff.flatten().quantile(0.99).item()}
 
@@ -74,12 +75,12 @@ def repeatability_under_load(files: list[bytes], repeats: int = 200) -> dict:
     device = torch.device("cuda")
     decoder = CudaDecoder(device)
     flat, sizes = flat_batch(files)
-    first = decoder(flat, sizes).clone()
+    first = decoder.ready(decoder(flat, sizes)).clone()
     differing, sink = 0, torch.zeros((), device=device)
     load = torch.randn(2048, 2048, device=device)
     for _ in range(repeats):
         busy = load @ load  # queued work on the training stream, freed right after: blocks get recycled
-        x = decoder(flat, sizes)
+        x = decoder.ready(decoder(flat, sizes))  # the training stream waits for the decode, as in training
         sink += x.float().mean() + busy[0, 0] * 0
         differing += int(not torch.equal(x, first))
         del busy, x

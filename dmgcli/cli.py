@@ -129,7 +129,9 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (under torchrun: each process its own GPU)."),
     precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (autocast) or fp32; the CPU always uses fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step (CUDA)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files."),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files; default min(8, cores)."),
+    resident: Optional[str] = typer.Option(None, help="Decode each split once and hold it on the device: auto (if it fits in half the free memory), always or never."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt."),
     params_file: Path = PARAMS_OPTION,
@@ -146,7 +148,7 @@ def train(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
-        precision=precision, compile=compile, workers=workers)
+        precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident)
     folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
     if is_main_process():
         typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
@@ -202,10 +204,12 @@ def bench(
     augmentation: Optional[str] = typer.Option(None, help="pacs (crop, flip, colour jitter; default), domainnet or none."),
     precision: Optional[str] = typer.Option(None, help="CUDA arithmetic: bf16 (default) or fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the method's training step."),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
+    concurrent: Optional[list[int]] = typer.Option(None, "--concurrent", help="Also the img/s of this many training processes at once (repeat: --concurrent 1 --concurrent 2 --concurrent 4)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results JSON."),
 ):
-    """Training img/s end to end from HDF5 JPEGs against the same model's plain step (the ceiling).
+    """Training img/s end to end from HDF5 JPEGs (streamed and resident) against the same model's plain step (the ceiling).
 
     Also the input path's share of step time and evaluation img/s, in one run on one device. Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
     """
@@ -215,7 +219,8 @@ def bench(
     results = run(device, method, out, progress=lambda line: typer.echo(line, err=True), backbone=backbone,
                   batch_size=batch_size, steps=steps, warmup=warmup, eval_batch_size=eval_batch_size,
                   eval_steps=eval_steps, workers=workers, domains=domains, classes=classes,
-                  augmentation=augmentation, precision=precision, compile=compile)
+                  augmentation=augmentation, precision=precision, compile=compile, compile_mode=compile_mode,
+                  concurrent=tuple(concurrent) if concurrent else None)
     typer.echo(describe(results))
 
 
@@ -295,8 +300,45 @@ def sweep(
 
 @app.command()
 @handle_errors
+<<<<<<< HEAD
 def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
          verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):
+=======
+def study(
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
+    targets: Optional[list[str]] = typer.Option(None, "--target", help="A target; repeat for several. Default: params.yaml matrix.targets."),
+    methods: Optional[list[str]] = typer.Option(None, "--method", help="A method; repeat for several. Default: matrix.methods."),
+    backbones: Optional[list[str]] = typer.Option(None, "--backbone", help="A backbone; repeat for several. Default: matrix.backbones."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="A seed; repeat for several. Default: matrix.seeds."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run (passed to dmg train); default the schedule's."),
+    resident: Optional[str] = typer.Option(None, help="Passed to dmg train: auto, always or never."),
+    min_free_gb: float = typer.Option(4.0, help="Start another run only while this much device memory (CUDA) or RAM (CPU) is free."),
+    stagger: Optional[float] = typer.Option(None, help="Seconds between starts, so a run's memory shows before the next check; default 20 on CUDA, 0 on the CPU."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Run dmg evaluate after each dmg train."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every run on this device)."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """Train (and evaluate) the whole matrix, several runs at once, with a free-memory check before each start.
+
+    The same commands and output folders as dvc.yaml's train/evaluate stages; `dvc commit` records them.
+    """
+    from stages.study import study as run
+
+    params = load_params(params_file)
+    matrix = override(params.matrix, targets=tuple(targets) if targets else None,
+                      methods=tuple(methods) if methods else None, backbones=tuple(backbones) if backbones else None,
+                      seeds=tuple(seeds) if seeds else None)
+    flags = (*(("--epochs", str(epochs)) if epochs is not None else ()),
+             *(("--resident", resident) if resident is not None else ()))
+    seconds = run(params.dataset, params.data_dir, matrix, params_file, jobs=jobs, device=device,
+                  min_free_gb=min_free_gb, stagger=stagger, train_flags=flags, evaluate=evaluate, progress=typer.echo)
+    typer.echo(f"study: {len(seconds)} runs done")
+
+
+@app.command()
+@handle_errors
+def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
+>>>>>>> gpu
     """Per domain and split: image and class counts, and the file's provenance."""
     from stages.info import describe
 

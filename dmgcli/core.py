@@ -99,11 +99,19 @@ class DomainMasks(nn.Module):
         super().__init__()
         if init not in ("uniform", "constant"):
             raise ValueError(f"unknown mask init {init!r}; valid: uniform, constant")
-        self.num_domains = num_domains
+        self.num_domains, self.units = num_domains, list(units)
         self.logits = nn.ParameterList()
         for u in units:
             tensor = torch.rand(num_domains, u) if init == "uniform" else torch.full((num_domains, u), init_value)
             self.logits.append(nn.Parameter(tensor))
+        # Index tensors the batched step uses, made once (not per step) and moved with the module;
+        # not persistent, so checkpoints hold the logits alone.
+        pairs = domain_pairs(num_domains)
+        self.register_buffer("pair_i", torch.tensor([i for i, _ in pairs], dtype=torch.long), persistent=False)
+        self.register_buffer("pair_j", torch.tensor([j for _, j in pairs], dtype=torch.long), persistent=False)
+        layer_of_unit = torch.cat([torch.full((u,), l, dtype=torch.long) for l, u in enumerate(units)]) if units else \
+            torch.zeros(0, dtype=torch.long)
+        self.register_buffer("layer_of_unit", layer_of_unit, persistent=False)
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -124,9 +132,42 @@ class DomainMasks(nn.Module):
         """Thresholded masks (p > 0.5), used for source validation. domains: [B] -> [B, U]."""
         return (self.probs(layer)[domains] > 0.5).float()
 
+    def all_probs(self) -> torch.Tensor:
+        """Keep-probabilities of every masked point side by side: [D, sum of U_l] (one sigmoid)."""
+        return torch.sigmoid(torch.cat(list(self.logits), dim=1))
+
+    def batch_masks(self, kind: str, domains: torch.Tensor) -> list[torch.Tensor]:
+        """Each sample's own-domain mask at every masked point, [B, U_l] per point, in one lookup.
+
+        kind: "train" (sampled 0/1, straight-through: one Bernoulli draw for all points),
+        "soft" (probabilities, test time) or "hard" (p > 0.5, source validation). The same
+        values as `train_mask` / `soft_mask` / `hard_mask` point by point, in a few kernels
+        instead of a few per point (the draws of "train" come from the generator in another order).
+        """
+        probs = self.all_probs()[domains]  # [B, sum U]
+        if kind == "train":
+            masks = straight_through_bernoulli(probs)
+        elif kind == "soft":
+            masks = probs
+        elif kind == "hard":
+            masks = (probs > 0.5).float()
+        else:
+            raise ValueError(f"unknown mask kind {kind!r}; valid: train, soft, hard")
+        return list(masks.split(self.units, dim=1))
+
     def overlap(self) -> torch.Tensor:
-        """Sum over masked points of the pair-averaged soft IoU (scalar)."""
-        return torch.stack([overlap_loss(self.probs(l)) for l in range(len(self))]).sum()
+        """Sum over masked points of the pair-averaged soft IoU (scalar): `overlap_loss` per
+        point, computed for all points and pairs at once (intersections and unions summed per
+        point with one index_add; no matrix product, so bf16 autocast leaves it in fp32)."""
+        if len(self.pair_i) == 0:  # one source domain: nothing to overlap with
+            return self.logits[0].new_zeros(())
+        probs = self.all_probs()
+        p_i, p_j = probs[self.pair_i], probs[self.pair_j]  # [P, U]
+        both = p_i * p_j
+        terms = torch.stack([both, p_i + p_j - both])  # intersection and union terms, [2, P, U]
+        sums = terms.new_zeros(2, len(self.pair_i), len(self.units)).index_add(2, self.layer_of_unit, terms)
+        iou = (sums[0] + IOU_SMOOTHING) / (sums[1] + IOU_SMOOTHING)  # [P, L], equation (1)
+        return iou.mean(0).sum()
 
     @torch.no_grad()
     def metrics(self, layer_names: list[str], domain_names: list[str]) -> dict:

@@ -1,14 +1,21 @@
 """Batches from the HDF5 file: the shuffled union of source domains, and whole splits for evaluation.
 
 Batches are (x, y, d): x uint8 [B, C, H, W] on the device (augmented there), y labels [B],
-d source-domain index [B]. Three ways in, chosen by the file's encoding and the device:
-  raw pixels             held in memory on the device; a batch is one index_select.
-  JPEG, CPU              DataLoader workers read and decode whole batches.
-  JPEG, CUDA             workers read the encoded bytes of a batch (one flat pinned buffer);
-                         the main process decodes the batch on the GPU in one batched
-                         `torchvision.io.decode_jpeg(..., device="cuda")` call. CPU decoding
-                         cannot feed a GPU at 10,000+ images per second (REFERENCE.md, section 3).
-Workers open the file lazily (SplitReader), persist across epochs and prefetch batches.
+d source-domain index [B]. Two ways in:
+  resident   the whole split decoded once and held on the device as uint8 [N, C, H, W]
+             (PACS at 256 px: about 2 GB); an epoch is one index_select per batch, no loader.
+             Chosen when the decoded split fits in RESIDENT_SHARE of the device's free memory
+             (`resident="auto"`), or forced with "always" / "never".
+  streamed   DataLoader workers read whole batches: raw pixels, or JPEG decoded in the
+             workers (CPU), or on CUDA the encoded bytes of a batch (one flat pinned buffer)
+             that the main process decodes on the GPU in one batched
+             `torchvision.io.decode_jpeg(..., device="cuda")` call on a side stream. CPU
+             decoding cannot feed a GPU at 10,000+ images per second (REFERENCE.md, section 3).
+             The next batch is started before the current one is handed out, so its copy and
+             decode overlap the training step. Workers open the file lazily (SplitReader),
+             persist across epochs and prefetch batches.
+Both give the same batches in the same order (tests/test_data.py), so the choice never
+changes a result.
 
 Under torchrun each process reads its own share (see `BatchStream.shuffled` and `.batches`).
 """
@@ -16,16 +23,50 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed
-from .h5data import SplitReader
+from .errors import DmgError
+from .h5data import SplitReader, read_info
+from .params import RESIDENT_MODES
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 PREFETCH = 4  # batches each worker keeps ready
-IN_MEMORY_LIMIT = 2 * 2**30  # bytes of raw pixels held on the device; larger raw files go through workers
+RESIDENT_SHARE = 0.5  # "auto": a decoded split may take at most this share of the device's free memory
+FILL_BATCH = 256  # images per decode call while a split is made resident
+MAX_DEFAULT_WORKERS = 8  # enough to read bytes for nvJPEG or decode PACS-sized JPEGs for a CPU step
+
+
+def default_workers() -> int:
+    """DataLoader workers when none are set: one per core, at most MAX_DEFAULT_WORKERS."""
+    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a resident split: free GPU memory on CUDA, available RAM on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_resident(mode: str, needed: int, device: torch.device) -> bool:
+    """Whether a split of `needed` decoded bytes is held on the device (see the module docstring)."""
+    if mode not in RESIDENT_MODES:
+        raise DmgError(f"unknown resident mode {mode!r}; valid: {', '.join(RESIDENT_MODES)}")
+    if mode != "auto":
+        return mode == "always"
+    return needed <= RESIDENT_SHARE * available_memory(device)
 
 
 class DomainImages(Dataset):
@@ -63,6 +104,13 @@ class DomainImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.image(index), self.labels[index], self.domains[index]
+
+    def decoded_bytes(self) -> int:
+        """Bytes of the whole set decoded as uint8 [N, C, H, W] (every image of a dmg file has one size)."""
+        if not self.readers:
+            return 0
+        info = read_info(self.readers[0].path)
+        return len(self) * info.channels * info.height * info.width
 
 
 class BatchReader(Dataset):
@@ -107,9 +155,10 @@ class CudaDecoder:
     from a private stream that does not wait for the caller's queued work (pytorch/vision
     PR 9606: a block just freed by a still-queued training kernel can be overwritten). So the
     decode runs on a stream of its own whose queue is drained (host wait, only for that
-    small stream, never the training one) before each decode; the training stream waits for
-    the decoded batch, and the batch's memory is not reused until the training stream is done
-    with it. The previous batch's bytes are kept until that drain, in case nvJPEG still reads them.
+    small stream, never the training one) before each decode. The previous batch's bytes are
+    kept until that drain, in case nvJPEG still reads them. `ready` makes the training stream
+    wait for a decoded batch when it is handed out, not when its decode starts, so the decode
+    of batch k+1 overlaps step k; the batch's memory is not reused until that stream is done.
     """
 
     def __init__(self, device: torch.device):
@@ -120,10 +169,14 @@ class CudaDecoder:
         self.stream.synchronize()
         with torch.cuda.stream(self.stream):
             x = decode_batch(flat, sizes, self.device)
+        self.in_flight = flat
+        return x
+
+    def ready(self, x: torch.Tensor) -> torch.Tensor:
+        """x, ordered after its decode on the current (training) stream."""
         training = torch.cuda.current_stream(self.device)
         training.wait_stream(self.stream)
         x.record_stream(training)
-        self.in_flight = flat
         return x
 
 
@@ -141,35 +194,61 @@ class _BatchOrder(Sampler):
         return len(self.chunks)
 
 
+def one_ahead(batches: Iterator) -> Iterator:
+    """Yield each item only once the next one has been made: on CUDA the next batch's copy and
+    decode are queued before the caller's step on the current one, so they overlap it."""
+    previous = None
+    for item in batches:
+        if previous is not None:
+            yield previous
+        previous = item
+    if previous is not None:
+        yield previous
+
+
 class BatchStream:
     """Iterates batches of a DomainImages set: shuffled per epoch for training, in order for evaluation.
 
-    batch_size: per process. shard: this process's place among the processes that share the
-    set (default: the torchrun process group, if any). decode_on_device: decode JPEG batches
-    with `decode_batch` on the device instead of in the workers (default: on CUDA only).
+    batch_size: per process. resident: "auto", "always" or "never" (module docstring).
+    workers: DataLoader workers for the streamed path and for decoding a JPEG split once
+    (None: `default_workers()`). shard: this process's place among the processes that share
+    the set (default: the torchrun process group, if any). decode_on_device: decode JPEG
+    batches with `decode_batch` on the device instead of in the workers (default: on CUDA only).
     """
 
-    def __init__(self, images: DomainImages, batch_size: int, device: torch.device, workers: int = 0,
-                 in_memory: bool | None = None, shard: distributed.Dist | None = None,
+    def __init__(self, images: DomainImages, batch_size: int, device: torch.device, workers: int | None = None,
+                 resident: str = "auto", shard: distributed.Dist | None = None,
                  decode_on_device: bool | None = None):
         self.images, self.batch_size, self.device = images, batch_size, device
-        self.workers = workers
+        self.workers = default_workers() if workers is None else workers
         self.shard = shard or distributed.current()
         raw = images.encoding == "raw"
-        if in_memory is None:  # small raw files live on the device; a large one (DomainNet raw: ~115 GB) is streamed
-            in_memory = raw and len(images) * images.image(0).numel() <= IN_MEMORY_LIMIT if len(images) else raw
-        self.in_memory = in_memory
         if decode_on_device is None:
             decode_on_device = device.type == "cuda"
         self.decode_on_device = decode_on_device and not raw
-        self.pixels: torch.Tensor | None = None
-        if self.in_memory and len(images):
-            self.pixels = torch.cat([r.all_images() for r in images.readers]).to(device)
-            self.labels, self.domains = images.labels.to(device), images.domains.to(device)
         self._order = _BatchOrder()
         self._loader: DataLoader | None = None
-        self._decode = CudaDecoder(device) if self.decode_on_device and device.type == "cuda" else (
-            lambda flat, sizes: decode_batch(flat, sizes, device))
+        self._decoder = CudaDecoder(device) if self.decode_on_device and device.type == "cuda" else None
+        self.pixels: torch.Tensor | None = None
+        self.resident = choose_resident(resident, images.decoded_bytes(), device) and len(images) > 0
+        if self.resident:
+            self.pixels = self._decode_all()
+            self.labels, self.domains = images.labels.to(device), images.domains.to(device)
+
+    def _decode_all(self) -> torch.Tensor:
+        """The whole set decoded onto the device, uint8 [N, C, H, W]: raw pixels in one read, JPEG
+        files through the streamed path (workers / GPU decode) in FILL_BATCH chunks."""
+        if self.images.encoding == "raw":
+            return torch.cat([r.all_images() for r in self.images.readers]).to(self.device)
+        info = read_info(self.images.readers[0].path)
+        pixels = torch.empty(len(self.images), info.channels, info.height, info.width, dtype=torch.uint8,
+                             device=self.device)
+        start = 0
+        for x, _, _ in self._streamed(torch.arange(len(self.images)), FILL_BATCH):
+            pixels[start:start + len(x)] = x
+            start += len(x)
+        self._loader = None  # its workers exit: a resident set never reads the file again
+        return pixels
 
     def training_share(self, seed: int, epoch: int) -> torch.Tensor:
         """This process's samples of an epoch, in order: every world-th entry of the epoch's permutation.
@@ -198,17 +277,26 @@ class BatchStream:
     def batches(self, order: torch.Tensor | None = None) -> Iterator[Batch]:
         """Batches of the samples in `order` (default: this process's evaluation share)."""
         order = self.evaluation_share() if order is None else order
-        if self.pixels is not None:
-            order = order.to(self.device)
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                yield self.pixels[idx], self.labels[idx], self.domains[idx]
+        if self.pixels is None:
+            yield from self._streamed(order, self.batch_size)
             return
-        self._order.chunks = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        for item in self.loader():
+        order = order.to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.pixels[idx], self.labels[idx], self.domains[idx]
+
+    def _streamed(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        """Batches read by the workers (and decoded on the device for JPEG on CUDA), one batch ahead."""
+        self._order.chunks = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        for x, y, d in one_ahead(self._started(self.loader())):
+            yield (self._decoder.ready(x) if self._decoder else x), y, d
+
+    def _started(self, items) -> Iterator[Batch]:
+        """The loader's items with their copy to the device (and GPU decode) queued."""
+        for item in items:
             if self.decode_on_device:
                 flat, sizes, y, d = item
-                x = self._decode(flat, sizes)
+                x = self._decoder(flat, sizes) if self._decoder else decode_batch(flat, sizes, self.device)
             else:
                 x, y, d = item
                 x = x.to(self.device, non_blocking=True)
@@ -217,10 +305,13 @@ class BatchStream:
     def loader(self) -> DataLoader:
         """The DataLoader of this stream, made once: its workers live as long as the stream."""
         if self._loader is None:
+            # Its own generator: a DataLoader draws its workers' base seed from the global one at
+            # every pass, which would shift the mask samples and make streamed runs differ from resident ones.
             self._loader = DataLoader(BatchReader(self.images, encoded=self.decode_on_device), batch_size=None,
                                       sampler=self._order, num_workers=self.workers,
                                       pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-                                      prefetch_factor=PREFETCH if self.workers else None)
+                                      prefetch_factor=PREFETCH if self.workers else None,
+                                      generator=torch.Generator().manual_seed(0))
         return self._loader
 
 

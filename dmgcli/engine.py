@@ -90,14 +90,20 @@ def fuse_optimizers(method: Method) -> None:
     method.optimizers = fused
 
 
-def training_objective(method: Method, device: torch.device, compile: bool = False) -> Objective:
+def training_objective(method: Method, device: torch.device, compile: bool = False,
+                       mode: str = "default") -> Objective:
     """What the training step calls for the loss: the method's objective, wrapped in DDP under
-    torchrun (gradients averaged over processes), and compiled when asked."""
+    torchrun (gradients averaged over processes), and compiled when asked.
+
+    mode: torch.compile's; "reduce-overhead" replays the step's kernels as CUDA graphs (the
+    launch-bound small networks), "max-autotune-no-cudagraphs" searches kernels (slow to start).
+    benchmarks/gpu_session.sh measures which pays on the GPU.
+    """
     objective: Objective = method.objective
     if distributed.current().world > 1:
         objective = distributed.data_parallel(method, device)
     if compile:
-        objective = torch.compile(objective)
+        objective = torch.compile(objective, mode=None if mode == "default" else mode)
     return objective
 
 
@@ -169,7 +175,8 @@ def train_one_epoch(method: Method, stream: BatchStream, augment, seed: int, epo
     """One pass over the shuffled sources. Returns the mean loss and the throughput, over all processes."""
     method.train()
     objective = objective or method.objective
-    totals: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    totals: torch.Tensor | None = None  # sample-weighted sums of the step statistics, [len(names)]
     images, start = 0, time.perf_counter()
     world = stream.shard.world
     bar = tqdm(total=len(stream), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
@@ -177,15 +184,16 @@ def train_one_epoch(method: Method, stream: BatchStream, augment, seed: int, epo
         stats = method.update(model_input(augment(x)), y, d, objective)
         if step_scheduler:
             scheduler.step()
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0) + v.float() * len(y)  # stays on the device: no wait for the GPU
+        # One stack and one add per step, on the device: no wait for the GPU, no kernel per statistic.
+        names = names or sorted(stats)
+        values = torch.stack([stats[k].float() for k in names])
+        totals = values * len(y) if totals is None else totals.add_(values, alpha=len(y))
         images += len(y) * world
         bar.update()
         if not bar.disable and step % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{stats['loss'].item():.3f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
     bar.close()
-    names = sorted(totals)
-    sums = distributed.all_sum(torch.stack([totals[k] for k in names])) if names else torch.zeros(0)
+    sums = distributed.all_sum(totals) if totals is not None else torch.zeros(0)
     means = {k: float(v) / max(images, 1) for k, v in zip(names, sums.tolist())}  # waits for the last step
     seconds = time.perf_counter() - start
     loss = means.pop("loss", math.nan)

@@ -204,10 +204,9 @@ class DMG(Method):
 
     def masked_forward(self, features: torch.Tensor, domains: torch.Tensor, kind: str) -> torch.Tensor:
         """Run the segments with each sample's own-domain mask of `kind` (train/soft/hard)."""
-        mask_fn = {"train": self.masks.train_mask, "soft": self.masks.soft_mask, "hard": self.masks.hard_mask}[kind]
         h = features
-        for layer, segment in enumerate(self.segments):
-            h = segment(apply_mask(h, mask_fn(layer, domains)))
+        for segment, mask in zip(self.segments, self.masks.batch_masks(kind, domains)):  # all points' masks at once
+            h = segment(apply_mask(h, mask))
         return h
 
     def objective(self, x, y, d):

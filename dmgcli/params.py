@@ -57,6 +57,15 @@ def check_seeds(key: str, seeds) -> None:
             raise DmgError(f"params: {key} must be in [0, 2^32), got {quote(seed)}")
 
 
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise DmgError(f"params: {key} must be one of {', '.join(valid)}, got {value!r}")
+
+
+RESIDENT_MODES = ("auto", "always", "never")  # train.resident; see dmgcli/data.py
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 @dataclass(frozen=True)
 class MatrixParams:
     """The experiment grid DVC expands: one training run per combination."""
@@ -166,9 +175,11 @@ class TrainParams:
     batch_size: int = 64
     epochs: Optional[int] = None  # None: the dataset schedule's epochs
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    workers: int = 2  # DataLoader workers for encoded images (on CUDA they only read bytes; decoding is on the GPU)
+    workers: Optional[int] = None  # DataLoader workers for JPEG files; None: min(8, cores) (on CUDA they only read bytes)
+    resident: str = "auto"  # hold each decoded split on the device: auto (if it fits), always or never
     precision: str = "bf16"  # CUDA: bf16 autocast or fp32; the CPU always computes in fp32
     compile: bool = False  # torch.compile the training step (CUDA; costs a minute or more at the start)
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
     schedules: dict[str, Schedule] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
 
     def __post_init__(self):
@@ -178,10 +189,15 @@ class TrainParams:
         check_range("train.overlap_lambda", self.overlap_lambda, minimum=0)
         check_range("train.lr", self.lr, positive=True)
         check_range("train.mask_lr", self.mask_lr, positive=True)
+<<<<<<< HEAD
         check_seeds("train.seed", [self.seed])
         check_choice("train.mask_init", self.mask_init, MASK_INITS)
         for name, schedule in self.schedules.items():
             schedule.check(f"train.schedules.{name}")
+=======
+        check_choice("train.resident", self.resident, RESIDENT_MODES)
+        check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+>>>>>>> gpu
 
 
 @dataclass(frozen=True)

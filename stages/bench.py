@@ -5,12 +5,15 @@ In one run, on one device:
      about the bytes of real 256 px photos) to a temporary folder;
   2. end to end: trains `steps` steps of the method from that file through the training
      input path (data.BatchStream: GPU decode on CUDA, worker decode on the CPU; the
-     dataset's batched augmentation; Method.update);
+     dataset's batched augmentation; Method.update), streamed and then resident (the file
+     decoded once onto the device; an epoch is index + crop + jitter there);
   3. the method's step alone, on random tensors already on the device;
   4. the plain step of the same network (the ceiling, as ../shared/bench/ceiling.py measures
      it: random tensors on the device, bf16 autocast on CUDA, channels_last, Adam, one head);
   5. evaluation: the method's test-time prediction ("average": DMG runs the trunk once and
-     its masked part once per source domain) and the plain network's forward.
+     its masked part once per source domain) and the plain network's forward;
+  6. with --concurrent 1 2 4: the summed img/s of that many processes training at once
+     (stages/bench_concurrent.py), what `dmg study --jobs N` gains on one device.
 It prints images per second for each, the end-to-end / plain ratio, the input path's share
 of step time, and writes everything to JSON under benchmarks/results/.
 
@@ -37,12 +40,13 @@ from torch import nn
 
 from dmgcli import augment as aug
 from dmgcli.backbones import build_backbone
-from dmgcli.data import Batch, BatchStream, DomainImages
+from dmgcli.data import Batch, BatchStream, DomainImages, default_workers
 from dmgcli.engine import autocast_for, model_input, place, resolve_device, seed_everything, training_objective
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing
 from dmgcli.methods import METHODS, MethodConfig, build_method
+from dmgcli.params import TrainParams
 
 IMAGE_SIZE, CROP = 256, aug.CROP
 MAX_IMAGES = 1024  # distinct JPEGs in the file; longer runs cycle through them (encoding them takes a while)
@@ -63,14 +67,16 @@ class BenchSettings:
     augmentation: str = "pacs"  # the heaviest: random resized crop + flip + colour jitter
     precision: str = "bf16"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode (with compile)
     seed: int = 0
+    concurrent: tuple[int, ...] = ()  # process counts for the concurrent-runs figure; () skips it
 
 
 # CPU: ResNet-18 at 224 px trains a few images per second on 2 cores; these finish in about a minute.
 DEFAULTS = {
     "cpu": dict(backbone="resnet18", batch_size=8, steps=6, warmup=1, eval_batch_size=16, eval_steps=2, workers=2),
     "cuda": dict(backbone="resnet50", batch_size=64, steps=100, warmup=20, eval_batch_size=256, eval_steps=20,
-                 workers=min(8, os.cpu_count() or 1)),
+                 workers=default_workers()),
 }
 
 
@@ -91,6 +97,9 @@ def settings_for(device: torch.device, method: str = "dmg", **overrides) -> Benc
     autocast_for(device, settings.precision)
     if min(settings.batch_size, settings.steps, settings.eval_batch_size, settings.eval_steps) < 1 or settings.warmup < 0:
         raise DmgError("bench: batch sizes and step counts must be positive (warmup may be 0)")
+    if any(n < 1 for n in settings.concurrent):
+        raise DmgError(f"bench: --concurrent counts must be positive, got {list(settings.concurrent)}")
+    TrainParams(compile_mode=settings.compile_mode)  # the same check as train.compile_mode
     return settings
 
 
@@ -149,6 +158,13 @@ def endless(stream: BatchStream, seed: int) -> Iterator[Batch]:
         epoch += 1
 
 
+def bench_stream(h5: Path, settings: BenchSettings, device: torch.device, resident: str) -> BatchStream:
+    """The training stream over the synthetic file's domains, streamed ("never") or resident ("always")."""
+    readers = [SplitReader(h5, f"d{k}", "train") for k in range(settings.domains)]
+    return BatchStream(DomainImages(readers, list(range(settings.domains))), settings.batch_size, device,
+                       settings.workers, resident)
+
+
 def plain_network(backbone: str, classes: int, device: torch.device) -> nn.Module:
     """The backbone as one network with one head: what ceiling.py trains (torchvision's model, same layers)."""
     net = nn.Sequential(*[m for _, m in build_backbone(backbone, classes).layers]).to(device)
@@ -179,13 +195,11 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
                                                           settings.seed)
         config = MethodConfig(backbone=settings.backbone, num_classes=settings.classes, num_domains=settings.domains)
         method = place(build_method(settings.method, config), device, settings.precision)
-        objective = training_objective(method, device, settings.compile)
+        objective = training_objective(method, device, settings.compile, settings.compile_mode)
         train_aug = aug.get_augmentation(settings.augmentation)[0]
 
-        # 2. End to end from the file.
-        readers = [SplitReader(Path(tmp) / "bench.h5", f"d{k}", "train") for k in range(settings.domains)]
-        stream = BatchStream(DomainImages(readers, list(range(settings.domains))), settings.batch_size, device,
-                             settings.workers)
+        # 2. End to end from the file, streamed.
+        stream = bench_stream(Path(tmp) / "bench.h5", settings, device, "never")
         batches, waited = endless(stream, settings.seed), [0.0]
 
         def end_to_end_step() -> int:
@@ -203,6 +217,19 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
         waited[0] = 0.0
         e2e_seconds, e2e_images = timed(end_to_end_step, 0, settings.steps, device)
         del batches, stream  # stops the workers
+
+        # 2b. End to end, resident: decoded once (timed), then index + augmentation on the device.
+        progress("end to end, resident dataset ...")
+        synchronize(device)
+        start = time.perf_counter()
+        stream = bench_stream(Path(tmp) / "bench.h5", settings, device, "always")
+        synchronize(device)
+        results["resident_decode_seconds"] = time.perf_counter() - start
+        batches = endless(stream, settings.seed)
+        waited[0] = 0.0
+        resident_seconds, resident_images = timed(end_to_end_step, settings.warmup, settings.steps, device)
+        results["resident_img_s"] = resident_images / resident_seconds
+        del batches, stream
 
         # 3. The method's step alone.
         x, y, d = random_batch(settings.batch_size, settings, device)
@@ -248,8 +275,17 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
                                           settings.eval_steps, device)
         plain_eval_seconds, plain_eval_images = timed(evaluation(plain), eval_warm, settings.eval_steps, device)
 
+        # 6. Several training processes at once.
+        if settings.concurrent:
+            del method, plain, opt, x, y, d, xe  # this process's models leave the device to the workers
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            from stages.bench_concurrent import concurrent_figure
+            results["concurrent"] = concurrent_figure(settings, device, Path(tmp) / "bench.h5", progress)
+
     results.update(summarize(e2e_seconds, e2e_images, waited[0], method_seconds, method_images, plain_seconds,
                              plain_images, eval_seconds, eval_images, plain_eval_seconds, plain_eval_images))
+    results["resident_vs_plain"] = results["resident_img_s"] / results["plain_step_img_s"]
     path = Path(out_dir) / result_name(settings, device)
     write_json(path, results)
     results["path"] = str(path)
@@ -260,7 +296,7 @@ def summarize(e2e_s, e2e_n, waited_s, method_s, method_n, plain_s, plain_n, eval
               plain_eval_n) -> dict:
     e2e, method, plain = e2e_n / e2e_s, method_n / method_s, plain_n / plain_s
     return {
-        "end_to_end_img_s": e2e,
+        "end_to_end_img_s": e2e,  # streamed from the file
         "method_step_img_s": method,
         "plain_step_img_s": plain,
         "end_to_end_vs_plain": e2e / plain,
@@ -303,16 +339,22 @@ def report(results: dict) -> str:
     lines = [
         f"{s['method']} {s['backbone']}, batch {s['batch_size']}, {s['steps']} steps, {results['device_name']} "
         f"(torch {results['torch']}, torchvision {results['torchvision']}, {results['cpu_count']} CPUs)",
-        f"  end to end from HDF5 JPEGs  {results['end_to_end_img_s']:10.1f} img/s",
+        f"  end to end from HDF5 JPEGs  {results['end_to_end_img_s']:10.1f} img/s  (streamed)",
+        f"  end to end, resident        {results['resident_img_s']:10.1f} img/s  (decoded once in "
+        f"{results['resident_decode_seconds']:.1f} s)",
         f"  method step, device tensors {results['method_step_img_s']:10.1f} img/s",
         f"  plain step (ceiling)        {results['plain_step_img_s']:10.1f} img/s",
-        f"  end to end / plain          {results['end_to_end_vs_plain']:10.2f}",
+        f"  end to end / plain          {results['end_to_end_vs_plain']:10.2f}  (resident: "
+        f"{results['resident_vs_plain']:.2f})",
         f"  method / plain              {results['method_vs_plain']:10.2f}",
         f"  data-loading share of step  {results['data_share']:10.1%}  (waiting for batches: "
         f"{results['loader_wait_share']:.1%})",
         f"  evaluation ({s['method']}, average over {s['domains']} masks/heads, batch {s['eval_batch_size']})"
         f"  {results['eval_img_s']:.1f} img/s; plain network {results['plain_eval_img_s']:.1f} img/s",
     ]
+    for count, figure in results.get("concurrent", {}).items():
+        lines.append(f"  {count} concurrent runs (resident)   {figure['img_s']:10.1f} img/s together "
+                     f"({', '.join(f'{v:.0f}' for v in figure['per_run_img_s'])} each)")
     if "path" in results:
         lines.append(f"wrote {results['path']}")
     return "\n".join(lines)

@@ -87,7 +87,7 @@ def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train
     def stream(domains, split: str = "test") -> BatchStream:
         """The `split` of `domains`; each sample carries its domain's position in `domains`."""
         images = DomainImages([SplitReader(h5, d, split) for d in domains], list(range(len(domains))))
-        return BatchStream(images, params.batch_size, device, train_params.workers)
+        return BatchStream(images, params.batch_size, device, train_params.workers, train_params.resident)
 
     # The target's domain index is irrelevant in "average" mode; 0 is a placeholder.
     target_correct, target_total = correct_counts(method, stream([spec.target]), eval_aug, "average", 1)

@@ -119,10 +119,12 @@ def per_process_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def source_stream(h5: Path, sources: tuple[str, ...], split: str, batch_size: int, device, workers: int) -> BatchStream:
-    """The sources' `split` as one stream; each sample carries its source's index (0..D-1)."""
+def source_stream(h5: Path, sources: tuple[str, ...], split: str, batch_size: int, device, workers: int | None,
+                  resident: str = "auto") -> BatchStream:
+    """The sources' `split` as one stream; each sample carries its source's index (0..D-1).
+    workers None: the machine's default; resident: train.resident (dmgcli/data.py)."""
     readers = [SplitReader(h5, d, split) for d in sources]
-    return BatchStream(DomainImages(readers, list(range(len(sources)))), batch_size, device, workers)
+    return BatchStream(DomainImages(readers, list(range(len(sources)))), batch_size, device, workers, resident)
 
 
 def validate(method: Method, stream: BatchStream, spec: RunSpec, augment) -> dict:
@@ -211,8 +213,8 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     seed_process(params.seed, proc)
     scheduler, scheduler_unit = make_scheduler(method.optimizers, schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
-    train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers)
-    val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers)
+    train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers, params.resident)
+    val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers, params.resident)
 
     settings = training_settings(spec, params, schedule)
     start_epoch, best, rows = 0, {"epoch": -1, "val_accuracy": -1.0}, []
@@ -220,7 +222,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     if resume and last_path.exists():
         ckpt = restore(last_path, spec, settings, method, scheduler, proc, params.seed)
         start_epoch, best, rows = ckpt["epoch"], ckpt["best"], ckpt["log"]
-    objective = training_objective(method, device, params.compile)  # after loading: DDP broadcasts rank 0's weights
+    objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -41,11 +41,25 @@ def test_bench_on_the_cpu_reports_every_figure(tmp_path):
     data = only_json(tmp_path)
     assert data["settings"]["backbone"] == "convnet" and data["settings"]["steps"] == 2
     assert data["device"] == "cpu" and data["torch"] == torch.__version__ and data["cpu_count"] >= 1
-    for key in ("end_to_end_img_s", "method_step_img_s", "plain_step_img_s", "eval_img_s", "plain_eval_img_s"):
+    for key in ("end_to_end_img_s", "resident_img_s", "method_step_img_s", "plain_step_img_s", "eval_img_s",
+                "plain_eval_img_s", "resident_decode_seconds"):
         assert data[key] > 0, key
     assert data["end_to_end_vs_plain"] == pytest.approx(data["end_to_end_img_s"] / data["plain_step_img_s"])
+    assert data["resident_vs_plain"] == pytest.approx(data["resident_img_s"] / data["plain_step_img_s"])
     assert 0 <= data["data_share"] < 1 and 0 <= data["loader_wait_share"] < 1
-    assert "end to end / plain" in result.stdout and "img/s" in result.stdout
+    assert "end to end / plain" in result.stdout and "resident" in result.stdout and "img/s" in result.stdout
+    assert "concurrent" not in data  # only when asked
+
+
+def test_bench_concurrent_runs_figure(tmp_path):
+    result = run_bench("--backbone", "convnet", "--method", "aggregate", "--batch-size", 4, "--steps", 2,
+                       "--warmup", 1, "--eval-batch-size", 4, "--eval-steps", 1, "--domains", 2, "--classes", 3,
+                       "--workers", 0, "--augmentation", "domainnet", "--concurrent", 2, "--out", tmp_path)
+    figure = only_json(tmp_path)["concurrent"]
+    assert list(figure) == ["2"] and len(figure["2"]["per_run_img_s"]) == 2
+    # Together over the span from the first start to the last end: at most the sum of the runs' own rates.
+    assert 0 < figure["2"]["img_s"] <= sum(figure["2"]["per_run_img_s"]) * (1 + 1e-9)
+    assert "2 concurrent runs" in result.stdout
 
 
 def test_bench_rejects_bad_settings(tmp_path):
@@ -54,6 +68,10 @@ def test_bench_rejects_bad_settings(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--backbone", "vgg", "--steps", "1",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 1 and "unknown backbone 'vgg'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--concurrent", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--concurrent counts must be positive" in result.output
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--compile-mode", "fast", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "train.compile_mode must be one of" in result.output
     assert not list(tmp_path.glob("*.json"))
 
 

@@ -100,3 +100,47 @@ def test_domain_masks_soft_and_hard_select_own_domain():
     metrics = masks.metrics(["layer"], ["a", "b"])
     assert metrics["iou"]["layer"][0][1] == pytest.approx(1 / 3)
     assert set(metrics["keep_probability"]["layer"]) == {"a", "b"}
+
+
+def test_batched_overlap_equals_the_per_layer_sum_and_its_gradient():
+    torch.manual_seed(1)
+    masks = DomainMasks([7, 3, 12], num_domains=4).double()
+    with torch.no_grad():
+        for logits in masks.logits:
+            logits.normal_(0, 2)  # far from the init, so every pair differs
+    per_layer = sum(overlap_loss(masks.probs(l)) for l in range(len(masks)))
+    batched = masks.overlap()
+    assert batched.item() == pytest.approx(per_layer.item(), rel=1e-12)
+    grads_per_layer = torch.autograd.grad(per_layer, list(masks.logits))
+    grads_batched = torch.autograd.grad(batched, list(masks.logits))
+    for a, b in zip(grads_per_layer, grads_batched):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    # Hand-computed: two domains, one unit each at one point, p = 0.5 and 0.5:
+    # IoU = (0.25 + eps) / (0.5 + 0.5 - 0.25 + eps), about 1/3.
+    one = DomainMasks([1], num_domains=2, init="constant", init_value=0.0)
+    assert one.overlap().item() == pytest.approx((0.25 + 1e-6) / (0.75 + 1e-6), rel=1e-6)
+    assert DomainMasks([4], num_domains=1).overlap().item() == 0.0
+
+
+def test_batch_masks_equal_the_per_point_masks():
+    torch.manual_seed(2)
+    masks = DomainMasks([5, 2, 6], num_domains=3)
+    with torch.no_grad():
+        for logits in masks.logits:
+            logits.normal_(0, 2)
+    d = torch.tensor([2, 0, 1, 1, 0])
+    for kind, per_point in (("soft", masks.soft_mask), ("hard", masks.hard_mask)):
+        batched = masks.batch_masks(kind, d)
+        assert [tuple(m.shape) for m in batched] == [(5, 5), (5, 2), (5, 6)]
+        assert all(torch.equal(b, per_point(l, d)) for l, b in enumerate(batched)), kind
+    sampled = masks.batch_masks("train", d)
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in sampled)
+    # Straight-through: the gradient of sum(mask) reaches logit (d, u) once per sample of domain d,
+    # scaled by sigmoid'(logit), as it does through the per-point masks.
+    grads = torch.autograd.grad(sum(m.sum() for m in sampled), list(masks.logits))
+    counts = torch.bincount(d, minlength=3).double()[:, None]
+    for logits, grad in zip(masks.logits, grads):
+        p = torch.sigmoid(logits.detach()).double()
+        assert torch.allclose(grad.double(), counts * p * (1 - p), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        masks.batch_masks("noisy", d)

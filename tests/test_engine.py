@@ -61,8 +61,8 @@ def test_batched_decode_equals_per_image_decode(jpeg_file):
 def test_bytes_path_gives_the_pixels_of_the_worker_decode_path(jpeg_file, workers):
     """The GPU-style stream (encoded bytes from the workers, one batched decode) against the CPU one."""
     cpu = torch.device("cpu")
-    gpu_style = BatchStream(jpeg_set(jpeg_file), 4, cpu, workers=workers, decode_on_device=True)
-    cpu_style = BatchStream(jpeg_set(jpeg_file), 4, cpu, workers=workers, decode_on_device=False)
+    gpu_style = BatchStream(jpeg_set(jpeg_file), 4, cpu, workers=workers, resident="never", decode_on_device=True)
+    cpu_style = BatchStream(jpeg_set(jpeg_file), 4, cpu, workers=workers, resident="never", decode_on_device=False)
     for epoch in range(2):  # twice: the persistent workers serve the next epoch's order
         a, b = list(gpu_style.shuffled(3, epoch)), list(cpu_style.shuffled(3, epoch))
         assert len(a) == len(b) == 6
@@ -218,7 +218,7 @@ def test_out_of_memory_is_one_line_with_advice(digits_dir, monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_stream_decodes_the_images_and_labels_of_the_cpu_stream(jpeg_file):
-    stream = BatchStream(jpeg_set(jpeg_file), 8, torch.device("cuda"), workers=2)
+    stream = BatchStream(jpeg_set(jpeg_file), 8, torch.device("cuda"), workers=2, resident="never")
     assert stream.decode_on_device
     reference = BatchStream(jpeg_set(jpeg_file), 8, torch.device("cpu"), workers=0)
     for (xg, yg, _), (xc, yc, _) in zip(stream.batches(), reference.batches()):
