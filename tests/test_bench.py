@@ -1,6 +1,5 @@
 """`dmg bench` on the CPU: the synthetic file, the figures and the JSON they are written to."""
 import json
-import time
 
 import pytest
 import torch
@@ -76,9 +75,8 @@ def test_bench_rejects_bad_settings(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_defaults_on_the_cpu_take_about_a_minute(tmp_path):
-    start = time.monotonic()
+def test_bench_defaults_run_on_the_cpu(tmp_path):
+    """The defaults finish on a CPU (their duration is a benchmark figure, not a test: CI machines are shared)."""
     run_bench("--out", tmp_path)
-    assert time.monotonic() - start < 180  # about a minute on 2 idle cores; slack for a busy machine
     data = only_json(tmp_path)
     assert data["settings"]["backbone"] == "resnet18" and data["settings"]["batch_size"] == 8
