@@ -300,10 +300,6 @@ def sweep(
 
 @app.command()
 @handle_errors
-<<<<<<< HEAD
-def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
-         verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):
-=======
 def study(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
     targets: Optional[list[str]] = typer.Option(None, "--target", help="A target; repeat for several. Default: params.yaml matrix.targets."),
@@ -337,8 +333,8 @@ def study(
 
 @app.command()
 @handle_errors
-def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
->>>>>>> gpu
+def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
+         verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):
     """Per domain and split: image and class counts, and the file's provenance."""
     from stages.info import describe
 

@@ -189,15 +189,12 @@ class TrainParams:
         check_range("train.overlap_lambda", self.overlap_lambda, minimum=0)
         check_range("train.lr", self.lr, positive=True)
         check_range("train.mask_lr", self.mask_lr, positive=True)
-<<<<<<< HEAD
         check_seeds("train.seed", [self.seed])
         check_choice("train.mask_init", self.mask_init, MASK_INITS)
-        for name, schedule in self.schedules.items():
-            schedule.check(f"train.schedules.{name}")
-=======
         check_choice("train.resident", self.resident, RESIDENT_MODES)
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
->>>>>>> gpu
+        for name, schedule in self.schedules.items():
+            schedule.check(f"train.schedules.{name}")
 
 
 @dataclass(frozen=True)
