@@ -149,7 +149,7 @@ MASK_INITS = ("uniform", "constant")  # what dmgcli.core.DomainMasks accepts
 
 DEFAULT_SCHEDULES = {
     # Digits train from scratch, so they take a larger step than the reference's fine-tuning lr.
-    "digits": Schedule(epochs=48, baseline_epochs=32, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
+    "digits": Schedule(epochs=96, baseline_epochs=32, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
                        lr_schedule="exponential", gamma=0.99),
     "pacs": Schedule(epochs=150, baseline_epochs=100, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
                      lr_schedule="exponential", gamma=0.99),
