@@ -121,7 +121,9 @@ class TerraIncognita(Benchmark):
 
     def download(self, out_dir: Path, params: DownloadParams) -> None:
         super().download(out_dir, params)
-        discard_download(out_dir / "downloads" / Path(TERRA_LABELS).name, out_dir)
+        labels = out_dir / "downloads" / Path(TERRA_LABELS).name
+        if labels.exists():  # the second archive we fetched (super() discards the first)
+            discard_download(labels, out_dir)
 
 
 def sort_by_location(image_tree: Path, label_tree: Path, into: Path, where: str) -> None:
