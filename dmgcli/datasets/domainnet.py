@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
-from ..fetch import Manifest, download_url, find_files, staging
+from ..fetch import Manifest, download_url, find_files, is_url, staging
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, ImagePlan, SplitPlan, check_entry, read_list
-from .sources import discard_download, install_file, install_folder, local_source, say, unpack, adopt_or_verify
-from ..fetch import is_url
+from .sources import adopt_or_verify, discard_download, install_file, install_folder, local_source, say, unpack
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 DOMAINNET_NUM_CLASSES = 345
