@@ -214,6 +214,7 @@ def test_a_root_not_in_the_layout_is_one_line_and_writes_nothing(project, breaka
     root = project / "mydata"
     if breakage == "one_domain":
         make_images(root, domains=DOMAINS[:1], per_class=2)
+        (root / "README.txt").unlink()  # a root holding one folder only: not mistaken for a wrapper
     elif breakage == "one_class":
         make_images(root, classes=CLASSES[:1], per_class=2)
     else:

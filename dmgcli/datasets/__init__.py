@@ -14,7 +14,7 @@ from .base import SPLITS, DatasetInfo, ImagePlan, SplitPlan, report_path
 from .benchmarks import OFFICE_HOME, TERRA_INCOGNITA, VLCS
 from .digits import DIGITS
 from .domainnet import DOMAINNET
-from .folder import FolderDataset, check_spec, folders
+from .folder import FolderDataset, check_spec, folders, unwrap
 from .pacs import PACS
 
 BUILT_IN: dict[str, DatasetInfo] = {d.name: d for d in (DIGITS, PACS, DOMAINNET, VLCS, OFFICE_HOME, TERRA_INCOGNITA)}
@@ -64,7 +64,6 @@ def discover(name: str, spec: FolderDatasetParams, data_dir: str | Path) -> tupl
     if images.is_dir():
         return tuple(p.name for p in folders(images)), 0
     if spec.root and Path(spec.root).expanduser().is_dir():
-        from .folder import unwrap
         return tuple(p.name for p in folders(unwrap(Path(spec.root).expanduser()))), 0
     return (), 0
 

@@ -46,12 +46,15 @@ def folders(path: Path) -> list[Path]:
 
 
 def unwrap(tree: Path) -> Path:
-    """The folder holding the domain folders: an archive's single top folder (`mydata/`) is stepped into."""
+    """The folder holding the domain folders: an archive's single top folder (`mydata/`) is
+    stepped into, unless the images already lie at <domain>/<class>/<image> depth."""
+    suffixes = image_suffixes()
     root = tree
     for _ in range(3):
         inside = folders(root)
         files = [p for p in root.iterdir() if p.is_file() and not ignored(p)]
-        if len(inside) != 1 or files:
+        in_layout = any(p.suffix.lower() in suffixes for p in root.glob("*/*/*"))
+        if len(inside) != 1 or files or in_layout:
             break
         root = inside[0]
     return root
