@@ -6,7 +6,8 @@ of the usual ImageFolder + DataLoader input path (REFERENCE.md, section 3).
 Reference augmentations (REFERENCE.md, section 1):
   pacs:      RandomResizedCrop(224, scale 0.8-1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.4);
              eval: resize to 224
-  domainnet: RandomCrop 224 of the 256 px image + flip; eval: centre crop 224
+  domainnet: RandomCrop 224 of the 256 x 256 image (the whole image, squashed) + flip;
+             eval: the whole image resized to 224 x 224
   none:      the embedded digits (rotation is the domain shift, so no geometric augmentation)
 """
 from __future__ import annotations
@@ -115,12 +116,6 @@ def domainnet_train(x, generator=None):
     return random_crop_flip(to_float(x), CROP, generator=generator)
 
 
-def domainnet_eval(x, generator=None):
-    h, w = x.shape[-2:]
-    top, left = (h - CROP) // 2, (w - CROP) // 2
-    return to_float(x[..., top:top + CROP, left:left + CROP])
-
-
 def identity(x, generator=None):
     return to_float(x)
 
@@ -128,7 +123,7 @@ def identity(x, generator=None):
 AUGMENTATIONS = {
     "none": (identity, identity),
     "pacs": (pacs_train, pacs_eval),
-    "domainnet": (domainnet_train, domainnet_eval),
+    "domainnet": (domainnet_train, pacs_eval),  # both evaluate the whole image resized to 224 x 224
 }
 
 

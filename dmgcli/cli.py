@@ -13,10 +13,10 @@ from typing import Optional
 
 import typer
 
-from .datasets import get_dataset, resolve_dataset
+from .datasets import BUILT_IN, declare, get_dataset, resolve_dataset
 from .errors import DmgError
 from .fileio import shorten
-from .params import load_params, override
+from .params import Params, load_params, override
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -66,9 +66,19 @@ def handle_errors(fn):
     return wrapper
 
 
+def load(params_file: Path) -> Params:
+    """params.yaml, with its folder datasets (`datasets:`) put into the dataset registry."""
+    params = load_params(params_file)
+    declare(params)
+    return params
+
+
+DATASET_NAMES = ", ".join(BUILT_IN)
+
+
 def params_with_train_flags(params_file: Path, **flags):
     """Load params, apply train-section flags, and resolve the dataset from --dataset/--target."""
-    params = load_params(params_file)
+    params = load(params_file)
     dataset = flags.pop("dataset")
     train = override(params.train, **flags)
     info = resolve_dataset(train.target, dataset, params.dataset)
@@ -78,16 +88,16 @@ def params_with_train_flags(params_file: Path, **flags):
 @app.command()
 @handle_errors
 def download(
-    dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
-    source: Optional[str] = typer.Option(None, "--from", help="Local zip, extracted folder or mirror URL to use instead of the public download."),
-    splits: Optional[str] = typer.Option(None, "--splits", help="Folder holding the split lists (PACS: <domain>_{train,crossval,test}_kfold.txt; DomainNet: official/ and tv_0.9_splits/); default: look beside the images."),
+    dataset: str = typer.Argument("digits", help=f"Dataset to fetch: {DATASET_NAMES} (VLCS, Office-Home, TerraIncognita from DomainBed's sources), or a folder dataset declared in params.yaml's datasets: section."),
+    source: Optional[str] = typer.Option(None, "--from", help="Local zip or tar, extracted folder or mirror URL to use instead of the public download (folder datasets: <root>/<domain>/<class>/<image>)."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Folder holding the split lists (PACS and folder datasets with split: lists: <domain>_{train,crossval,test}_kfold.txt; DomainNet: official/ and tv_0.9_splits/); default: look beside the images."),
     allow_large: bool = typer.Option(False, "--allow-large", help="Extract an archive even if it expands far beyond the dataset's size (refused by default: a zip bomb)."),
     params_file: Path = PARAMS_OPTION,
 ):
     """Fetch a dataset's raw files into <data_dir>/raw/<dataset>, verified against its MANIFEST.json."""
     from stages.download import download as run
 
-    params = load_params(params_file)
+    params = load(params_file)
     settings = override(params.download, source=source, splits=splits, allow_large=allow_large or None)
     out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: raw files in {out}")
@@ -96,7 +106,7 @@ def download(
 @app.command()
 @handle_errors
 def preprocess(
-    dataset: str = typer.Argument("digits", help="Dataset to convert: digits, pacs or domainnet."),
+    dataset: str = typer.Argument("digits", help=f"Dataset to convert: {DATASET_NAMES} or a declared folder dataset."),
     image_size: Optional[int] = typer.Option(None, help="Side length of stored images (real datasets)."),
     workers: Optional[int] = typer.Option(None, help="Worker processes; 0 = all cores."),
     encoding: Optional[str] = typer.Option(None, help="Stored images: jpeg (encoded bytes + offsets) or raw (uint8 pixels)."),
@@ -105,7 +115,7 @@ def preprocess(
     """Convert raw files into one HDF5 file, <data_dir>/prepared/<dataset>.h5 (unchanged inputs: nothing to do)."""
     from stages.preprocess import preprocess as run
 
-    params = load_params(params_file)
+    params = load(params_file)
     settings = override(params.preprocess, image_size=image_size, workers=workers, encoding=encoding)
     out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: {out}")
@@ -245,7 +255,7 @@ def report(
 
     from .fileio import write_text
 
-    params = load_params(params_file)
+    params = load(params_file)
     settings = override(params.report, format=fmt, figures=figures)
     if settings.format not in FORMATS:
         raise DmgError(f"unknown report format {settings.format!r}; valid: {', '.join(FORMATS)}")
@@ -286,7 +296,7 @@ def sweep(
     from stages.sweep import summary_markdown, summary_path
     from stages.sweep import sweep as run
 
-    params = load_params(params_file)
+    params = load(params_file)
     info = get_dataset(dataset or params.dataset)
     settings = override(params.report.sweep, lambdas=tuple(lambdas) if lambdas else None,
                         targets=tuple(targets) if targets else None, seeds=tuple(seeds) if seeds else None,
@@ -320,7 +330,7 @@ def study(
     """
     from stages.study import study as run
 
-    params = load_params(params_file)
+    params = load(params_file)
     matrix = override(params.matrix, targets=tuple(targets) if targets else None,
                       methods=tuple(methods) if methods else None, backbones=tuple(backbones) if backbones else None,
                       seeds=tuple(seeds) if seeds else None)

@@ -511,3 +511,34 @@ def subtree(hashes: dict[str, str], root: Path, base: Path) -> dict[str, str]:
     prefix = root.relative_to(base).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
     return {rel[len(prefix):]: sha for rel, sha in hashes.items() if rel.startswith(prefix)}
+
+
+def safe_extract_tar(archive: Path, into: Path) -> dict[str, str]:
+    """Extract a tar (.tar, .tar.gz, ...) into folder `into` (must not exist); returns member path -> sha256.
+
+    Like `safe_extract`: every member is checked first (Python's `data` filter: no absolute
+    paths, no `..`, no links leaving the folder, no devices), extraction goes to a temporary
+    sibling renamed to `into` only when the whole archive was read.
+    """
+    import tarfile
+
+    try:
+        tf = tarfile.open(archive)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DmgError(f"{archive} is not a readable tar archive ({exc}): truncated or corrupt; "
+                       f"delete it and fetch it again") from None
+    with tf, staging(into.parent, into.name) as tmp:
+        try:
+            members = tf.getmembers()
+            for member in members:
+                try:
+                    tarfile.data_filter(member, str(tmp))
+                except tarfile.FilterError as exc:
+                    raise DmgError(f"{archive}: refusing to extract member {member.name!r} ({exc}); "
+                                   f"nothing was extracted") from None
+            tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+            raise DmgError(f"{archive} is corrupt ({exc}); delete the archive and fetch it again") from None
+        hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        os.rename(tmp, into)
+    return hashes

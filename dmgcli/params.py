@@ -115,6 +115,27 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class FolderDatasetParams:
+    """A dataset of one's own images, <root>/<domain>/<class>/<image> (params.yaml `datasets:`).
+
+    Splits per domain: `fractions` (train/val/test shares, seeded, stratified by class),
+    `holdout` (DomainBed's protocol: a seeded random `holdout` share of each domain is val,
+    the rest train, test is the whole domain) or `lists` (PACS-format split lists
+    `<domain>_{train,crossval,test}_kfold.txt`, given to `dmg download --splits`).
+    """
+    root: Optional[str] = None  # folder, .zip or .tar[.gz] holding the domain folders; --from overrides it
+    domains: Optional[tuple[str, ...]] = None  # domain folders to use; None: every one under the root
+    image_size: Optional[int] = None  # stored side length; None: preprocess.image_size
+    split: str = "fractions"  # fractions, holdout or lists
+    fractions: tuple[float, ...] = (0.6, 0.2, 0.2)  # train, val, test shares of each domain and class
+    holdout: float = 0.2  # split holdout: val share of each domain
+    seed: int = 0  # seeds the fractions and holdout splits
+    augmentation: str = "pacs"  # dmgcli.augment: pacs (crop 224, flip, jitter), domainnet or none (stored size)
+    resize: str = "squash"  # stored squares: squash (whole image, aspect not kept) or center_crop
+    schedule: str = "default"  # the entry of train.schedules it trains with
+
+
+@dataclass(frozen=True)
 class Schedule:
     """Training schedule of one dataset (REFERENCE.md, section 1)."""
     epochs: int
@@ -155,6 +176,11 @@ DEFAULT_SCHEDULES = {
                      lr_schedule="exponential", gamma=0.99),
     "domainnet": Schedule(epochs=50, baseline_epochs=50, lr=1e-4, mask_lr=1e-4, weight_decay=0.0,
                           lr_schedule="inverse", gamma=1e-4, decay_masks=True),
+    # Folder datasets and VLCS / Office-Home / TerraIncognita: the PACS recipe (fine-tuning from
+    # ImageNet weights), DMG trained 1.5 times as long as the baselines as the reference did on
+    # PACS (its masks' dropout slows fitting: benchmarks/FIDELITY.md).
+    "default": Schedule(epochs=75, baseline_epochs=50, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
+                        lr_schedule="exponential", gamma=0.99),
 }
 
 
@@ -239,6 +265,7 @@ class Params:
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
+    datasets: dict[str, FolderDatasetParams] = field(default_factory=dict)  # one's own folder datasets, by name
 
 
 def _describe(tp) -> str:

@@ -43,6 +43,7 @@ def describe(path: str | Path, verify: bool = False) -> str:
     total = sum(int(c.sum()) for c in counts.values())
     lines.append(f"{'total':<14}{total:>18}")
     lines += class_counts(info.classes, counts)
+    lines += absent_classes(info.classes, info.domains, counts)
     lines.append("provenance: " + json.dumps(info.provenance, indent=2, sort_keys=True))
     lines.append(f"tool version: {tool_version}")
     if verify:
@@ -77,3 +78,17 @@ def class_counts(classes: tuple[str, ...], counts: dict[tuple[str, str], np.ndar
         lines.append(f"  {domain + '/' + split:<22}{per_class.min():>6} / {int(np.median(per_class)):>4} / "
                      f"{per_class.max():>5}   {int((per_class == 0).sum())} empty")
     return lines
+
+
+def absent_classes(classes: tuple[str, ...], domains: tuple[str, ...],
+                   counts: dict[tuple[str, str], np.ndarray]) -> list[str]:
+    """Classes with no image in a domain (any split): allowed for folder datasets, worth knowing."""
+    lines = []
+    for domain in domains:
+        per_class = sum((c for (d, _), c in counts.items() if d == domain), np.zeros(len(classes), dtype=np.int64))
+        missing = [c for c, n in zip(classes, per_class) if n == 0]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            lines.append(f"  {domain}: {shown}")
+    return ["classes absent from a domain:", *lines] if lines else []
+

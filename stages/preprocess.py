@@ -1,8 +1,10 @@
 """Stage 2, preprocess: raw files -> one HDF5 file per dataset (layout in dmgcli.h5data).
 
-Real datasets (PACS, DomainNet): the split lists name the images; each image is decoded,
-turned RGB (transparent pixels over white), its shorter side resized to `image_size` and
-the central square kept (PACS images are square already), then stored as JPEG bytes or raw
+The dataset's adapter (dmgcli/datasets/) lists the images: (path, label) per domain and
+split. Everything here is the same for every dataset: each image is decoded, turned RGB
+(transparent pixels over white; 16-bit images scaled to 8 bits), made a square of
+`image_size` as the adapter says (`center_crop`: shorter side resized, central square kept;
+`squash`: the whole image resized, aspect not kept), then stored as JPEG bytes or raw
 pixels. The work runs in a process pool over all cores; results come back in list order
 with a bounded number of batches in flight and are appended to the file as they arrive,
 so memory does not grow with the number of images. An image listed twice in one domain
@@ -21,7 +23,7 @@ import io
 import json
 import multiprocessing
 import os
-import random
+import re
 import sys
 import warnings
 from collections import deque
@@ -31,260 +33,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dmgcli import __version__
-from dmgcli.datasets import DIGITS_ANGLES, get_dataset, h5_path, raw_dir
+from dmgcli.datasets import DatasetInfo, ImagePlan, SplitPlan, get_dataset, h5_path, raw_dir, report_path
 from dmgcli.errors import DmgError
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import run_lock, write_json
-from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, write_split, writing
+from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, writing
 from dmgcli.params import PreprocessParams
-
-DIGITS_SPLIT = (0.6, 0.2, 0.2)  # train / val / test share of each domain's images
-
-
-def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate float images [N, 1, H, W] about their centre (bilinear, zero fill)."""
-    angle = torch.tensor(np.deg2rad(degrees), dtype=torch.float32)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(())]), torch.stack([sin, cos, torch.zeros(())])])
-    grid = F.affine_grid(theta.expand(len(images), 2, 3), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def preprocess_digits(raw: Path, out: Path, params: PreprocessParams) -> None:
-    """Rotated-digits benchmark in the style of Rotated MNIST.
-
-    The 1,797 8x8 digits (values 0-16) are shuffled with `params.seed` and dealt into six
-    disjoint shares, one per domain; each share is upsampled to digits_size px, rotated by
-    its domain's angle and split 60/20/20 into train / val / test.
-    """
-    source = raw / "digits.csv.gz"
-    if not source.exists():
-        raise DmgError(f"{source} not found: run `dmg download digits` first")
-    table = np.loadtxt(source, delimiter=",", dtype=np.float32)
-    pixels, labels = table[:, :-1].reshape(-1, 1, 8, 8) / 16.0, table[:, -1].astype(np.int64)
-    order = np.random.default_rng(params.seed).permutation(len(labels))
-    shares = np.array_split(order, len(DIGITS_ANGLES))
-    size = params.digits_size
-    info = get_dataset("digits")
-    file_info = FileInfo(dataset="digits", encoding="raw", height=size, width=size, channels=1,
-                         classes=tuple(str(c) for c in range(10)), domains=info.domains,
-                         provenance={"source": "sklearn.datasets.load_digits", "seed": params.seed,
-                                     "angles": list(DIGITS_ANGLES), "split": list(DIGITS_SPLIT), "size": size})
-    counts: dict[str, dict[str, int]] = {}
-    with writing(out, file_info) as f:
-        for domain, angle, share in zip(info.domains, DIGITS_ANGLES, shares):
-            images = F.interpolate(torch.from_numpy(pixels[share]), size=(size, size), mode="bilinear",
-                                   align_corners=False)
-            images = rotate(images, angle).clamp(0, 1).mul(255).round().to(torch.uint8)  # [n, 1, S, S]
-            images = images.permute(0, 2, 3, 1).numpy()  # [n, S, S, 1], the layout's HWC order
-            n_train, n_val = int(DIGITS_SPLIT[0] * len(share)), int(DIGITS_SPLIT[1] * len(share))
-            bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(share))}
-            for split, (a, b) in bounds.items():
-                write_split(f, domain, split, images[a:b], labels[share[a:b]],
-                            [f"digits/{i}" for i in share[a:b]])
-                counts.setdefault(domain, {})[split] = b - a
-        # the same report file as the real datasets, so the pipeline's outputs do not depend on the dataset
-        write_json(report_path(out), {"dataset": "digits", "listed": counts, "stored": counts, "unreadable": [],
-                                      "duplicates": {"policy": "not checked (generated images)", "groups": []}})
-
-
-
-# --------------------------------------------------------------------------- split lists
-
-@dataclass
-class SplitPlan:
-    """One /<domain>/<split> group to write: (path relative to images/, 0-based label) pairs."""
-    domain: str
-    split: str
-    entries: list[tuple[str, int]]
-
-
-def read_list(path: Path) -> list[tuple[int, str, int]]:
-    """Lines `relative/path.jpg label` -> (line number, path, label); blank lines skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            try:
-                rows.append((lineno, parts[0], int(parts[1])))
-            except (IndexError, ValueError):
-                raise DmgError(f"{path}:{lineno}: expected `path label`, got {line.strip()!r}") from None
-    return rows
-
-
-def check_entry(list_path: Path, lineno: int, rel: str, label: int, domain: str, classes: list[str] | None) -> None:
-    """A list line must name an image of its domain, under its class's folder."""
-    parts = rel.split("/")
-    if len(parts) < 3 or parts[0] != domain:
-        raise DmgError(f"{list_path}:{lineno}: {rel} is not an image path of domain {domain}")
-    if classes is not None and not (0 <= label < len(classes) and parts[1] == classes[label]):
-        raise DmgError(f"{list_path}:{lineno}: label {label} of {rel} does not match its class folder {parts[1]!r}")
-
-
-# --------------------------------------------------------------------------- PACS
-
-PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]  # label order (alphabetical)
-PACS_LISTS = {"train": "train", "val": "crossval", "test": "test"}  # our split -> official kfold list
-
-
-def pacs_plan(raw: Path) -> list[SplitPlan]:
-    """The official kfold lists: train, crossval as val, test (the whole domain); labels 1-based there."""
-    plan = []
-    for domain in get_dataset("pacs").domains:
-        for split, name in PACS_LISTS.items():
-            path = raw / "splits" / f"{domain}_{name}_kfold.txt"
-            if not path.exists():
-                raise DmgError(f"{path} not found: run `dmg download pacs` (with --splits FOLDER if needed)")
-            entries = []
-            for lineno, rel, label in read_list(path):
-                check_entry(path, lineno, rel, label - 1, domain, PACS_CLASSES)
-                entries.append((rel, label - 1))
-            plan.append(SplitPlan(domain, split, entries))
-    return plan
-
-
-def preprocess_pacs(raw: Path, out: Path, params: PreprocessParams) -> None:
-    settings = image_settings(params)
-    convert_real("pacs", raw, out, params, settings, tuple(PACS_CLASSES), pacs_plan(raw),
-                 {"train": "official train_kfold", "val": "official crossval_kfold", "test": "official test_kfold"})
-
-
-# --------------------------------------------------------------------------- DomainNet
-
-DOMAINNET_TRAIN_COUNTS = {  # lengths of the official train lists (the reference shuffled them in this order)
-    "clipart": 33525, "infograph": 36023, "painting": 50416, "quickdraw": 120750, "real": 120906, "sketch": 48212,
-}
-TV_SEED = 1234  # the reference implementation's random.seed for its tv_0.9 split
-TV_TRAIN_SHARE = 0.9
-
-
-def reference_tv_split(train_lists: dict[str, list | None]) -> dict[str, tuple[list, list]]:
-    """The DMG reference's `tv_0.9` split, regenerated exactly from the official train lists.
-
-    The reference seeded Python's `random` with 1234 once, then for each domain in DomainNet
-    order shuffled its official train list (in file order) and kept the first int(0.9 n) as
-    train, the rest as val (checked against its published lists: identical). The shuffles
-    draw from one generator, so a domain whose list is missing is stood in for by a shuffle
-    of its official length, which keeps the later domains exact.
-    """
-    rng = random.Random(TV_SEED)
-    splits = {}
-    for domain in get_dataset("domainnet").domains:
-        items = train_lists.get(domain)
-        if items is None:
-            rng.shuffle([None] * DOMAINNET_TRAIN_COUNTS[domain])
-            continue
-        items = list(items)
-        rng.shuffle(items)
-        cut = int(TV_TRAIN_SHARE * len(items))
-        splits[domain] = (items[:cut], items[cut:])
-    return splits
-
-
-def seeded_split(items: list, seed: int, fraction: float, salt: int) -> tuple[list, list]:
-    """A random `fraction` of items as val (seeded per domain by `salt`); both parts keep list order."""
-    rng = np.random.default_rng([seed, salt])
-    in_val = np.zeros(len(items), dtype=bool)
-    in_val[rng.permutation(len(items))[:int(round(fraction * len(items)))]] = True
-    return [x for x, v in zip(items, in_val) if not v], [x for x, v in zip(items, in_val) if v]
-
-
-def domainnet_lists(raw: Path) -> tuple[dict, dict]:
-    """Read what the raw folder holds: official train and test lists, reference tv_0.9 lists.
-
-    Each maps (domain, split) to (list file, [(line number, path, label)]), or None if absent.
-    """
-    def load(folder: str, name: str):
-        path = raw / "splits" / folder / name
-        return (path, read_list(path)) if path.exists() else None
-
-    domains = get_dataset("domainnet").domains
-    official = {(d, s): load("official", f"{d}_{s}.txt") for d in domains for s in ("train", "test")}
-    tv = {(d, s): load("tv_0.9", f"{d}_{s}.txt") for d in domains for s in ("train", "val", "test")}
-    return official, tv
-
-
-def entries(found) -> list[tuple[str, int]] | None:
-    """(path, label) pairs of a list read by domainnet_lists, None if it was absent."""
-    return [(rel, label) for _, rel, label in found[1]] if found else None
-
-
-def domainnet_plan(raw: Path, params: PreprocessParams) -> tuple[tuple[str, ...], list[SplitPlan], dict]:
-    """Test: the official test list. Train/val: the tv_0.9 lists where supplied, else the
-    reference split regenerated (val_split tv_0.9) or a seeded split (val_split seeded)."""
-    if params.val_split not in ("tv_0.9", "seeded"):
-        raise DmgError(f"unknown preprocess.val_split {params.val_split!r}; valid: tv_0.9, seeded")
-    domains = get_dataset("domainnet").domains
-    official, tv = domainnet_lists(raw)
-    for (domain, _), found in [*official.items(), *tv.items()]:
-        for lineno, rel, label in (found[1] if found else []):
-            check_entry(found[0], lineno, rel, label, domain, None)
-    official_train = {d: entries(official[d, "train"]) for d in domains}
-    regenerated = reference_tv_split(official_train) if params.val_split == "tv_0.9" else {}
-    plan, notes = [], {}
-    for index, domain in enumerate(domains):
-        train, val, notes[domain] = train_val(domain, index, official_train[domain], entries(tv[domain, "train"]),
-                                              entries(tv[domain, "val"]), regenerated, params)
-        test = entries(official[domain, "test"]) or entries(tv[domain, "test"])
-        if test is None:
-            raise DmgError(f"{raw / 'splits' / 'official' / f'{domain}_test.txt'} not found: run `dmg download domainnet`")
-        plan += [SplitPlan(domain, "train", train), SplitPlan(domain, "val", val), SplitPlan(domain, "test", test)]
-    classes = domainnet_classes(plan, get_dataset("domainnet").num_classes)
-    return classes, plan, notes
-
-
-def train_val(domain: str, index: int, official: list | None, tv_train: list | None, tv_val: list | None,
-              regenerated: dict, params: PreprocessParams) -> tuple[list, list, str]:
-    """One domain's train and val entries, and a note saying where they came from."""
-    missing = f"splits/official/{domain}_train.txt not found: run `dmg download domainnet`"
-    if params.val_split == "seeded":
-        both = tv_train is not None and tv_val is not None
-        base = official if official is not None else (tv_train + tv_val if both else None)
-        if base is None:
-            raise DmgError(missing)
-        train, val = seeded_split(base, params.seed, params.val_fraction, index)
-        return train, val, f"seeded split (seed {params.seed}, val_fraction {params.val_fraction})"
-    if tv_train is not None and tv_val is not None:
-        if official is not None and sorted(official) != sorted(tv_train + tv_val):
-            raise DmgError(f"splits/tv_0.9/{domain}_{{train,val}}.txt do not partition the official train list")
-        return tv_train, tv_val, "tv_0.9 lists"
-    if domain in regenerated:
-        train, val = regenerated[domain]
-        return train, val, f"tv_0.9 regenerated (random.seed({TV_SEED}) shuffle of the official train list, 90/10)"
-    raise DmgError(missing)
-
-
-def domainnet_classes(plan: list[SplitPlan], num_classes: int) -> tuple[str, ...]:
-    """Class names in label order, read from the lists' class folders (which must agree)."""
-    names: dict[int, str] = {}
-    for part in plan:
-        for rel, label in part.entries:
-            folder = rel.split("/")[1]
-            if names.setdefault(label, folder) != folder:
-                raise DmgError(f"label {label} names both {names[label]!r} and {folder!r} in the DomainNet lists")
-    absent = [i for i in range(num_classes) if i not in names]
-    if absent or len(names) != num_classes:
-        raise DmgError(f"the DomainNet lists cover {len(names)} labels, not 0..{num_classes - 1} "
-                       f"(missing {absent[:5]})")
-    return tuple(names[i] for i in range(num_classes))
-
-
-def preprocess_domainnet(raw: Path, out: Path, params: PreprocessParams) -> None:
-    settings = image_settings(params)
-    settings["val_split"] = params.val_split
-    if params.val_split == "seeded":
-        settings.update(seed=params.seed, val_fraction=params.val_fraction)
-    classes, plan, notes = domainnet_plan(raw, params)
-    convert_real("domainnet", raw, out, params, settings, classes, plan,
-                 {"train/val": notes, "test": "official test lists"})
-
 
 # --------------------------------------------------------------------------- images
 
@@ -294,6 +51,7 @@ class ImageEncoder:
     size: int
     encoding: str
     quality: int
+    resize: str = "center_crop"  # or "squash"
 
     def __call__(self, path: str | None):
         """(payload, sha256 of the source file, error): payload is JPEG bytes or uint8 [S, S, 3]."""
@@ -307,9 +65,9 @@ class ImageEncoder:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's EXIF/palette chatter, once per image otherwise
-                image = fit_square(load_rgb(data, self.size), self.size)
+                image = make_square(load_rgb(data, self.size), self.size, self.resize)
         except Exception as exc:  # any decoder failure means "unreadable image", never a crash midway
-            return None, digest, f"{type(exc).__name__}: {exc}"
+            return None, digest, error_text(exc)
         return self.encode(image), digest, None
 
     def encode(self, image):
@@ -320,12 +78,28 @@ class ImageEncoder:
         return buffer.getvalue()
 
 
+def error_text(exc: Exception) -> str:
+    """An exception as `Type: message`, without object addresses (`<_io.BytesIO object at 0x7f..>`),
+    so the report of identical inputs is identical."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image data", f"{type(exc).__name__}: {exc}")
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(data: bytes, size: int):
-    """Decode to RGB; transparent pixels are put over white (the usual clipart background)."""
+    """Decode to RGB; transparent pixels are put over white (the usual clipart background).
+
+    16-bit images (Pillow's I;16 and I modes, e.g. 16-bit grey PNGs) are scaled to 8 bits
+    (v / 257); Pillow's own convert would clip them to 255, storing them almost white.
+    """
     from PIL import Image
 
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale still >= size (fast for big photos)
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -333,13 +107,17 @@ def load_rgb(data: bytes, size: int):
     return image.convert("RGB")
 
 
-def fit_square(image, size: int):
-    """Shorter side resized to `size`, central square kept: one resize of the central box."""
+def make_square(image, size: int, resize: str):
+    """A size x size image: `squash` resizes the whole image (aspect not kept, as the DomainNet
+    reference's Resize((256, 256))); `center_crop` resizes the shorter side to `size` and keeps
+    the central square, by one resize of the central box."""
     from PIL import Image
 
     width, height = image.size
     if (width, height) == (size, size):
         return image
+    if resize == "squash":
+        return image.resize((size, size), Image.Resampling.BILINEAR)
     side = min(width, height)
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
     return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
@@ -408,10 +186,6 @@ def fingerprint(dataset: str, manifest_sha: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def report_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".h5") + ".report.json")
-
-
 def up_to_date(out: Path, expected: str) -> bool:
     """Whether `out` and its report exist and were made from the same fingerprint."""
     if not out.exists() or not report_path(out).exists():
@@ -422,31 +196,37 @@ def up_to_date(out: Path, expected: str) -> bool:
         return False
 
 
-def convert_real(dataset: str, raw: Path, out: Path, params: PreprocessParams, settings: dict,
-                 classes: tuple[str, ...], plan: list[SplitPlan], split_notes: dict) -> None:
-    """Write a real dataset's HDF5 file and its report, unless an identical one exists."""
+def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessParams, plan: ImagePlan) -> None:
+    """Write a dataset's HDF5 file and its report from its image plan, unless an identical one exists."""
+    dataset = info.name
     manifest_path = raw / Manifest.NAME
     if not manifest_path.exists():
         raise DmgError(f"{manifest_path} not found: run `dmg download {dataset}` first")
+    size = plan.image_size or params.image_size
+    settings = {**image_settings(params), "image_size": size, "resize": info.resize, **plan.settings}
     manifest_sha = sha256_file(manifest_path)
     expected = fingerprint(dataset, manifest_sha, settings)
     if up_to_date(out, expected):
         print(f"{dataset}: {out} is up to date (same inputs and parameters); nothing to do", flush=True)
         return
+    for line in plan.skipped:
+        print(f"{dataset}: {line}", flush=True)
     recorded = Manifest(raw, dataset).files
-    info = FileInfo(dataset=dataset, encoding=params.encoding, height=params.image_size, width=params.image_size,
-                    channels=3, classes=classes, domains=get_dataset(dataset).domains, provenance={})
-    encoder = ImageEncoder(params.image_size, params.encoding, params.jpeg_quality)
+    domains = tuple(dict.fromkeys(part.domain for part in plan.parts))
+    file_info = FileInfo(dataset=dataset, encoding=params.encoding, height=size, width=size, channels=3,
+                         classes=plan.classes, domains=domains, provenance={})
+    encoder = ImageEncoder(size, params.encoding, params.jpeg_quality, info.resize)
     workers = worker_count(params.workers)
     pool = make_pool(workers)
     try:
-        with writing(out, info) as f:
-            result = write_images(f, raw / "images", plan, encoder, pool, workers, recorded)
-            report = make_report(dataset, plan, result)
+        with writing(out, file_info) as f:
+            result = write_images(f, raw / "images", plan.parts, encoder, pool, workers, recorded)
+            report = make_report(dataset, plan.parts, result)
+            report["skipped"] = plan.skipped
             provenance = {
                 "source_manifest_sha256": manifest_sha, "fingerprint": expected, "params": settings,
-                "tool_version": __version__, "splits": split_notes,
-                "resize": "shorter side to image_size (bilinear), central square kept; transparency over white",
+                "tool_version": __version__, "splits": plan.split_notes,
+                "resize": RESIZE_NOTES[info.resize] + "; transparency over white, 16-bit scaled to 8",
                 "images": {"listed": total(report["listed"]), "stored": total(report["stored"]),
                            "unreadable": len(report["unreadable"])},
                 "duplicate_groups": len(report["duplicates"]["groups"]), "report": report_path(out).name,
@@ -457,6 +237,10 @@ def convert_real(dataset: str, raw: Path, out: Path, params: PreprocessParams, s
         if pool is not None:
             pool.terminate()
     print_summary(dataset, out, report, workers)
+
+
+RESIZE_NOTES = {"center_crop": "shorter side to image_size (bilinear), central square kept",
+                "squash": "whole image to image_size x image_size (bilinear), aspect not kept"}
 
 
 @dataclass
@@ -597,15 +381,14 @@ def print_summary(dataset: str, out: Path, report: dict, workers: int) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
-PREPROCESSORS = {"digits": preprocess_digits, "pacs": preprocess_pacs, "domainnet": preprocess_domainnet}
-
-
 def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> Path:
     """Build data_dir/prepared/<dataset>.h5 from data_dir/raw/<dataset>; returns its path."""
     info = get_dataset(dataset)
-    if info.name not in PREPROCESSORS:
-        raise DmgError(f"preprocessing {info.name} is not available; valid: {', '.join(PREPROCESSORS)}")
-    out = h5_path(data_dir, info.name)
+    out, raw = h5_path(data_dir, info.name), raw_dir(data_dir, info.name)
     with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
-        PREPROCESSORS[info.name](raw_dir(data_dir, info.name), out, params)
+        if info.generated:
+            info.generate(raw, out, params)
+        else:
+            image_settings(params)  # a bad setting is reported before the images are listed
+            convert_real(info, raw, out, params, info.plan(raw, params))
     return out

@@ -73,9 +73,9 @@ def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: st
     if params.target not in file_info.domains:
         raise DmgError(f"target {params.target!r} is not a domain of {h5}; valid: {', '.join(file_info.domains)}")
     sources = choose_sources(file_info.domains, params.target, params.sources)
-    schedule = params.schedules.get(info.name)
+    schedule = params.schedules.get(info.schedule_key)
     if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+        raise DmgError(f"params: train.schedules has no entry {info.schedule_key!r} (the schedule of {info.name})")
     config = MethodConfig(
         backbone=params.backbone, num_classes=len(file_info.classes), num_domains=len(sources),
         pretrained=params.pretrained, pretrained_path=params.pretrained_path, mask_points=params.mask_points,
@@ -203,7 +203,7 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
 
 def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out: Path, device: torch.device,
            proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
-    schedule = params.schedules[info.name]
+    schedule = params.schedules[info.schedule_key]
     epochs = params.epochs if params.epochs is not None else (
         schedule.epochs if params.method == "dmg" else schedule.baseline_epochs)
     batch_size = per_process_batch(params.batch_size, proc.world)

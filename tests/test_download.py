@@ -389,7 +389,7 @@ def test_domainnet_from_folder_then_nothing_to_do(tmp_path, capsys):
 def test_domainnet_mirror_url_fetches_lists_and_zips(server, tmp_path):
     source = tmp_path / "mirror"
     tiny_domainnet(source)
-    from stages.download import DOMAINNET_ARCHIVES, DOMAINNET_LISTS
+    from dmgcli.datasets.domainnet import DOMAINNET_ARCHIVES, DOMAINNET_LISTS
     for domain, rel in DOMAINNET_ARCHIVES.items():
         server.files[f"/mirror/{rel}"] = (source / f"{domain}.zip").read_bytes()
         for split in ("train", "test"):

@@ -21,8 +21,11 @@ from dmgcli.h5data import SplitReader, read_info
 from dmgcli.params import DownloadParams, PreprocessParams
 from stages.download import download
 from stages.info import describe
-from stages.preprocess import (PACS_CLASSES, domainnet_plan, preprocess, read_list, reference_tv_split,
-                               report_path, seeded_split)
+from dmgcli.datasets import report_path
+from dmgcli.datasets.base import read_list
+from dmgcli.datasets.domainnet import domainnet_plan, reference_tv_split, seeded_split
+from dmgcli.datasets.pacs import PACS_CLASSES
+from stages.preprocess import preprocess
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent")
