@@ -161,7 +161,10 @@ def read_record(path: Path) -> dict:
     """The full metrics of one run: seed<N>.details.json beside `path`, else `path` itself
     (older files); ValueError naming what is wrong when unreadable or partial."""
     details = details_path(path)
-    data = _read_json(details if details.exists() else path)
+    try:
+        data = _read_json(details if details.exists() else path)
+    except ValueError as exc:
+        raise ValueError(f"{details.name}: {exc}" if details.exists() else str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError("not a metrics object")
     if "dataset" not in data and not details.exists():
