@@ -379,12 +379,16 @@ def test_sweep_settings_are_checked():
 def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
     """Download, preprocess, sweep all five lambda_O for one epoch each, then report it (about a minute)."""
     monkeypatch.chdir(tmp_path)
+    # the schedule's epochs, not --epochs: the summary must say how many that was (it said "None")
     (tmp_path / "params.yaml").write_text("dataset: digits\ndata_dir: data\nmatrix:\n  targets: [rot0]\n"
-                                          "  methods: [dmg]\n  seeds: [0]\n")
-    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep", "--epochs", "1"]):
+                                          "  methods: [dmg]\n  seeds: [0]\n"
+                                          "train:\n  schedules:\n    digits: {epochs: 1, baseline_epochs: 1, lr: 1.0e-3, "
+                                          "mask_lr: 1.0e-2, weight_decay: 0.0, lr_schedule: constant}\n")
+    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "data/sweeps/digits/sweep.json").read_text())
+    assert summary["epochs"] == 1
     assert [r["lambda"] for r in summary["summary"]] == [0.0, 0.01, 0.1, 0.5, 1.0]
     for row in summary["summary"]:
         assert 0 <= row["out_of_domain"]["mean"] <= 100 and 0 <= row["mean_iou"]["mean"] <= 1
@@ -396,7 +400,14 @@ def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
     result = runner.invoke(app, ["report"])
     assert result.exit_code == 0, result.output
     assert _is_png(tmp_path / "reports/digits/figures/lambda_sweep.png")
-    assert "λ_O sweep" in (tmp_path / "reports/digits/index.md").read_text()
+    index = (tmp_path / "reports/digits/index.md").read_text()
+    assert "λ_O sweep" in index and "1 epochs; one seed" in index and "None" not in index
+
+
+def test_old_sweep_summaries_without_epochs_say_the_schedule():
+    summary = json.loads((FIXTURES / "data/sweeps/digits/sweep.json").read_text())
+    summary["epochs"] = None
+    assert "targets rot0, the schedule's epochs; mean ± std over 2 seeds" in sweep.summary_markdown(summary)
 
 
 # ----------------------------------------------------------------------------- command line
