@@ -72,7 +72,7 @@ def params_with_train_flags(params_file: Path, **flags):
     return params, train, info
 
 
-@app.command()
+@app.command(short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
 @handle_errors
 def download(
     dataset: str = typer.Argument("digits", help="Dataset to fetch: digits (embedded), pacs or domainnet."),
@@ -89,7 +89,7 @@ def download(
     typer.echo(f"{dataset}: raw files in {out}")
 
 
-@app.command()
+@app.command(short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
 @handle_errors
 def preprocess(
     dataset: str = typer.Argument("digits", help="Dataset to convert: digits, pacs or domainnet."),
@@ -107,7 +107,7 @@ def preprocess(
     typer.echo(f"{dataset}: {out}")
 
 
-@app.command()
+@app.command(short_help='Train one leave-one-domain-out run.')
 @handle_errors
 def train(
     target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
@@ -152,7 +152,7 @@ def train(
                    f"params {params_file}): {folder}")
 
 
-@app.command()
+@app.command(short_help='Score a run in and out of domain: its metrics files.')
 @handle_errors
 def evaluate(
     target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
@@ -191,7 +191,7 @@ def evaluate(
                    + ("" if metrics["finished"] else "  (unfinished run)"))
 
 
-@app.command()
+@app.command(short_help='Training and evaluation img/s on one device.')
 @handle_errors
 def bench(
     backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet; default resnet50 on CUDA, resnet18 on the CPU."),
@@ -224,7 +224,7 @@ def bench(
     typer.echo(describe(results))
 
 
-@app.command()
+@app.command(short_help="Tables beside the paper's, figures, index.md.")
 @handle_errors
 def report(
     table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
@@ -269,7 +269,7 @@ def report(
         typer.echo(text, nl=False)
 
 
-@app.command()
+@app.command(short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
 @handle_errors
 def sweep(
     dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
@@ -300,7 +300,7 @@ def sweep(
     typer.echo(f"wrote {summary_path(params.data_dir, info.name)}")
 
 
-@app.command()
+@app.command(short_help='Check every parameter of the pipeline, before any work.')
 @handle_errors
 def check(params_file: Path = PARAMS_OPTION):
     """Check every parameter of the whole pipeline (the matrix, the sweep, the dataset's schedule).
@@ -314,7 +314,7 @@ def check(params_file: Path = PARAMS_OPTION):
     typer.echo(f"{params_file}: {run(params)}")
 
 
-@app.command()
+@app.command(short_help='Counts and provenance of an HDF5 file.')
 @handle_errors
 def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`.")):
     """Per domain and split: image and class counts, and the file's provenance."""
