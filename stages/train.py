@@ -269,6 +269,9 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").unlink(missing_ok=True)  # the folder holds an unfinished run until the end
+        if start_epoch == 0:  # a fresh start (--force, or an unfinished folder without --resume)
+            for name in ("log.csv", "best.pt"):
+                (out / name).unlink(missing_ok=True)
 
     for epoch in range(start_epoch, epochs):
         stats = train_one_epoch(method, train_stream, train_aug, params.seed, epoch, scheduler,
