@@ -53,10 +53,12 @@ def run_state(folder: Path, info: DatasetInfo, params: TrainParams, run, allow_u
         raise DmgError(f"no trained run in {folder} (best.pt not found); make it with `{train_command(info, params, run)}`")
     if (folder / "run.json").exists():
         return {**read_json(folder / "run.json"), "finished": True}
-    if not allow_unfinished:
-        raise DmgError(f"{folder} holds an unfinished run (no run.json: stopped or still training); finish it with "
-                       f"`{train_command(info, params, run)} --resume`, or pass --allow-unfinished")
     last = load_checkpoint(folder / "last.pt") if (folder / "last.pt").exists() else {}
+    if not allow_unfinished:
+        planned = (last.get("protocol") or {}).get("epochs")
+        epochs = f" --epochs {planned}" if planned else ""
+        raise DmgError(f"{folder} holds an unfinished run (no run.json: stopped or still training); finish it with "
+                       f"`{train_command(info, params, run)}{epochs} --resume`, or pass --allow-unfinished")
     return {"best": last.get("best", {}), "protocol": last.get("protocol"), "finished": False}
 
 

@@ -187,7 +187,7 @@ def test_unfinished_runs_are_evaluated_only_when_asked_and_marked(workdir):
     result = dmg("evaluate", "--target", "rot30", "--method", "dmg", "--run", folder, ok=False)
     one_line_error(result, "holds an unfinished run (no run.json: stopped or still training); finish it with "
                            f"`dmg train --dataset digits --target rot30 --backbone convnet --method dmg --seed 0 "
-                           f"--out {folder} --resume`, or pass --allow-unfinished")
+                           f"--out {folder} --epochs 2 --resume`, or pass --allow-unfinished")
     assert not metrics.exists()
     out = dmg("evaluate", "--target", "rot30", "--method", "dmg", "--run", folder, "--allow-unfinished").output
     assert "(unfinished run)" in out
