@@ -2,6 +2,8 @@
 
 Each command reads params.yaml (--params), applies its flags on top, and calls the stage's
 plain function in stages/. Errors a user can fix print one line on stderr and exit 1.
+Arguments are checked before a stage module (and with it torch) is imported, so a bad flag
+fails at once; this module and dmgcli/params.py import no torch.
 """
 from __future__ import annotations
 
@@ -19,9 +21,24 @@ from .fileio import shorten
 from .params import Params, load_params, override
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # plain click help: no "<bool>" labels, long defaults wrap
 
-PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file; flags override its values.")
+DEFAULTS = "defaults"  # --params defaults: the built-in defaults, no file
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params",
+                             help=f"Parameters file; flags override its values. `--params {DEFAULTS}`: the built-in "
+                                  "defaults (outputs then land in the current folder).")
+
+
+def project_params(path: Path) -> Params:
+    """The params file, which must exist: without one, the outputs would land in whatever folder
+    the command ran in. `--params defaults` asks for the built-in defaults explicitly."""
+    if str(path) == DEFAULTS:
+        return Params()
+    if not path.exists():
+        raise DmgError(f"params file {path} not found in {Path.cwd()}: run dmg in the project folder (the one with "
+                       f"params.yaml), pass --params FILE, or --params {DEFAULTS} for the built-in defaults")
+    return load_params(path)
 
 
 MAX_MESSAGE = 400  # characters; a message quoting a huge path or value is cut
@@ -67,8 +84,9 @@ def handle_errors(fn):
 
 
 def load(params_file: Path) -> Params:
-    """params.yaml, with its folder datasets (`datasets:`) put into the dataset registry."""
-    params = load_params(params_file)
+    """The project's params file (project_params), with its folder datasets (`datasets:`) put
+    into the dataset registry."""
+    params = project_params(params_file)
     declare(params)
     return params
 
@@ -85,7 +103,7 @@ def params_with_train_flags(params_file: Path, **flags):
     return params, train, info
 
 
-@app.command()
+@app.command(short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
 @handle_errors
 def download(
     dataset: str = typer.Argument("digits", help=f"Dataset to fetch: {DATASET_NAMES} (VLCS, Office-Home, TerraIncognita from DomainBed's sources), or a folder dataset declared in params.yaml's datasets: section."),
@@ -95,15 +113,15 @@ def download(
     params_file: Path = PARAMS_OPTION,
 ):
     """Fetch a dataset's raw files into <data_dir>/raw/<dataset>, verified against its MANIFEST.json."""
-    from stages.download import download as run
-
     params = load(params_file)
     settings = override(params.download, source=source, splits=splits, allow_large=allow_large or None)
+    from stages.download import download as run
+
     out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: raw files in {out}")
 
 
-@app.command()
+@app.command(short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
 @handle_errors
 def preprocess(
     dataset: str = typer.Argument("digits", help=f"Dataset to convert: {DATASET_NAMES} or a declared folder dataset."),
@@ -113,15 +131,15 @@ def preprocess(
     params_file: Path = PARAMS_OPTION,
 ):
     """Convert raw files into one HDF5 file, <data_dir>/prepared/<dataset>.h5 (unchanged inputs: nothing to do)."""
-    from stages.preprocess import preprocess as run
-
     params = load(params_file)
     settings = override(params.preprocess, image_size=image_size, workers=workers, encoding=encoding)
+    from stages.preprocess import preprocess as run
+
     out = run(dataset, params.data_dir, settings)
     typer.echo(f"{dataset}: {out}")
 
 
-@app.command()
+@app.command(short_help='Train one leave-one-domain-out run.')
 @handle_errors
 def train(
     target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
@@ -143,28 +161,32 @@ def train(
     workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files; default min(8, cores)."),
     resident: Optional[str] = typer.Option(None, help="Decode each split once and hold it on the device: auto (if it fits in half the free memory), always or never."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt (a finished run too)."),
+    force: bool = typer.Option(False, "--force", help="Replace a finished run in the run folder (refused without it)."),
     params_file: Path = PARAMS_OPTION,
 ):
     """Train one leave-one-domain-out run; keeps the best source-validation checkpoint and the last.
 
-    Several GPUs: torchrun --nproc_per_node N -m dmgcli.cli train ... (--batch-size is the global batch).
+    A run folder holding a finished run (run.json) is not replaced without --force; --resume
+    continues it. Several GPUs: torchrun --nproc_per_node N -m dmgcli.cli train ...
+    (--batch-size is the global batch).
     """
-    from stages.train import train as run
-
-    from .distributed import is_main_process
-
     params, train_params, info = params_with_train_flags(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
         precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident)
-    folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume)
+    from stages.train import train as run  # torch: only after the arguments are known to be good
+
+    from .distributed import is_main_process
+
+    folder = run(info, params.data_dir, train_params, out_dir=out, resume=resume, force=force)
     if is_main_process():
-        typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}): {folder}")
+        typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}, "
+                   f"params {params_file}): {folder}")
 
 
-@app.command()
+@app.command(short_help='Score a run in and out of domain: its metrics files.')
 @handle_errors
 def evaluate(
     target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
@@ -177,28 +199,33 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Metrics JSON; default metrics/<dataset>/<backbone>/<method>/<target>/seed<seed>.json."),
     average_over: Optional[str] = typer.Option(None, help="Average per-domain outputs over logits (reference) or probs."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Evaluate a run that has no run.json (stopped or still training); the report marks it."),
     params_file: Path = PARAMS_OPTION,
 ):
     """Out-of-domain (target test) and in-domain (source tests) accuracy of a run's best checkpoint.
 
-    Under torchrun each process scores a share of every split; the counts are summed, rank 0 writes.
+    Writes the headline (<out>, what `dvc metrics show` prints) and every detail beside it
+    (<out stem>.details.json). Under torchrun each process scores a share of every split; the
+    counts are summed, rank 0 writes.
     """
-    from stages.evaluate import evaluate as run
-
-    from .distributed import is_main_process
-
     params, train_params, info = params_with_train_flags(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed)
     eval_params = override(params.evaluate, average_over=average_over, device=device)
-    metrics = run(info, params.data_dir, train_params, eval_params, run=run_folder, out=out)
+    from stages.evaluate import evaluate as run  # torch: only after the arguments are known to be good
+
+    from .distributed import is_main_process
+
+    metrics = run(info, params.data_dir, train_params, eval_params, run=run_folder, out=out,
+                  allow_unfinished=allow_unfinished)
     in_domain = metrics["in_domain"]["average"]["mean"]
     if is_main_process():
         typer.echo(f"{info.name} {train_params.backbone} {train_params.method} target {train_params.target}: "
-                   f"out-of-domain {metrics['out_of_domain']['accuracy']:.2f}%  in-domain {in_domain:.2f}%")
+                   f"out-of-domain {metrics['out_of_domain']['accuracy']:.2f}%  in-domain {in_domain:.2f}%"
+                   + ("" if metrics["finished"] else "  (unfinished run)"))
 
 
-@app.command()
+@app.command(short_help='Training and evaluation img/s on one device.')
 @handle_errors
 def bench(
     backbone: Optional[str] = typer.Option(None, help="alexnet, resnet18, resnet50 or convnet; default resnet50 on CUDA, resnet18 on the CPU."),
@@ -217,11 +244,11 @@ def bench(
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
     concurrent: Optional[list[int]] = typer.Option(None, "--concurrent", help="Also the img/s of this many training processes at once (repeat: --concurrent 1 --concurrent 2 --concurrent 4)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the results JSON."),
+    out: Path = typer.Option(Path("benchmarks/results/local"), help="Folder for the results JSON (the default is git-ignored; copy a result up to benchmarks/results/ to commit it)."),
 ):
     """Training img/s end to end from HDF5 JPEGs (streamed and resident) against the same model's plain step (the ceiling).
 
-    Also the input path's share of step time and evaluation img/s, in one run on one device. Writes benchmarks/results/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
+    Also the input path's share of step time and evaluation img/s, in one run on one device. Writes <out>/bench-<method>-<backbone>-b<batch>-<device>-<time>.json.
     """
     from stages.bench import report as describe
     from stages.bench import run
@@ -234,7 +261,7 @@ def bench(
     typer.echo(describe(results))
 
 
-@app.command()
+@app.command(short_help="Tables beside the paper's, figures, index.md.")
 @handle_errors
 def report(
     table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
@@ -250,7 +277,7 @@ def report(
 
     Without --table, the report stage: writes tables, figures and index.md to <out-dir>/<dataset>/.
     """
-    from stages.report import FORMATS, paper_document, paper_table, render
+    from stages.report import FORMATS, paper_document, paper_table, render  # torch-free (dmgcli/results.py)
     from stages.report import report as run
 
     from .fileio import write_text
@@ -266,6 +293,7 @@ def report(
     else:
         name = get_dataset(dataset or params.dataset).name
         doc = run(name, params.matrix, metrics_dir, out_dir, params.data_dir, settings.figures)
+        typer.echo(f"wrote {out_dir / name}/ (params {params_file}); start with {out_dir / name / 'index.md'}", err=True)
     for line in doc.skipped:
         typer.echo(f"warning: skipped {line}", err=True)
     for path in doc.missing:
@@ -278,7 +306,7 @@ def report(
         typer.echo(text, nl=False)
 
 
-@app.command()
+@app.command(short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
 @handle_errors
 def sweep(
     dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
@@ -293,8 +321,7 @@ def sweep(
 
     Writes sweep.json and lambda_sweep.png/.svg: accuracies and mean pairwise mask IoU against lambda_O.
     """
-    from stages.sweep import summary_markdown, summary_path
-    from stages.sweep import sweep as run
+    from .results import summary_markdown, summary_path
 
     params = load(params_file)
     info = get_dataset(dataset or params.dataset)
@@ -302,13 +329,29 @@ def sweep(
                         targets=tuple(targets) if targets else None, seeds=tuple(seeds) if seeds else None,
                         epochs=epochs)
     train_params = override(params.train, device=device)
+    from stages.sweep import sweep as run  # torch: only after the arguments are known to be good
+
     summary = run(info, params.data_dir, train_params, override(params.evaluate, device=device), settings,
                   progress=typer.echo)
     typer.echo(summary_markdown(summary))
     typer.echo(f"wrote {summary_path(params.data_dir, info.name)}")
 
 
-@app.command()
+@app.command(short_help='Check every parameter of the pipeline, before any work.')
+@handle_errors
+def check(params_file: Path = PARAMS_OPTION):
+    """Check every parameter of the whole pipeline (the matrix, the sweep, the dataset's schedule).
+
+    The first DVC stage: a bad params.yaml fails here in seconds, before any training.
+    Writes <data_dir>/params.checked (constant text, so a passing check re-runs nothing).
+    """
+    params = load(params_file)
+    from stages.check import check as run
+
+    typer.echo(f"{params_file}: {run(params)}")
+
+
+@app.command(short_help="Train and evaluate the whole matrix, several runs at once.")
 @handle_errors
 def study(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
@@ -341,7 +384,7 @@ def study(
     typer.echo(f"study: {len(seconds)} runs done")
 
 
-@app.command()
+@app.command(short_help='Counts and provenance of an HDF5 file.')
 @handle_errors
 def info(path: Path = typer.Argument(..., help="An HDF5 file written by `dmg preprocess`."),
          verify: bool = typer.Option(False, "--verify", help="Also read every image and check it against its stored checksum.")):

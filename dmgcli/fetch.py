@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -271,6 +272,14 @@ def _range_total(content_range: str) -> int | None:
         return None
 
 
+def host_resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def is_gdrive(text: str) -> bool:
     return is_url(text) and urlparse(text).netloc in ("drive.google.com", "docs.google.com")
 
@@ -281,8 +290,12 @@ def download_gdrive(source: str, dest: Path, retries: int = 3, timeout: float = 
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     where = {"url": source} if is_url(source) else {"id": source}
+    # Offline (the host does not resolve), retrying cannot help and gdown's retry lines would
+    # bury the one line below that says what to do: one quiet attempt instead.
+    offline = not host_resolves(urlparse(source).netloc if is_url(source) else "drive.google.com")
     try:
-        out = gdown.download(**where, output=str(dest), quiet=False, resume=True, retries=retries, timeout=timeout)
+        out = gdown.download(**where, output=str(dest), quiet=offline, resume=True, retries=0 if offline else retries,
+                             timeout=timeout)
     except Exception as exc:  # gdown raises its own, requests' and OS errors alike
         raise DmgError(f"could not download {dest.name} from Google Drive ({source}: {short_reason(exc)}); "
                        f"{hint}".rstrip("; ")) from None

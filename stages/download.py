@@ -8,6 +8,8 @@ nothing and an interrupted run starts where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from dmgcli.datasets import get_dataset, raw_dir
@@ -19,6 +21,22 @@ def download(dataset: str, data_dir: str | Path, params: DownloadParams) -> Path
     """Fetch `dataset` into data_dir/raw/<dataset>; returns the folder."""
     info = get_dataset(dataset)
     out_dir = raw_dir(data_dir, info.name)
-    with run_lock(out_dir):  # one writer per raw folder; clears a killed run's staging folders
-        info.download(out_dir, params)
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        with run_lock(out_dir):  # one writer per raw folder; clears a killed run's staging folders
+            info.download(out_dir, params)
+    except BaseException:
+        remove_empty_folders(out_dir, created)  # a failed first try leaves no empty data/raw/<dataset>
+        raise
     return out_dir
+
+
+def remove_empty_folders(out_dir: Path, created: list[Path]) -> None:
+    """Remove the empty folders under out_dir, then those of `created` left empty (deepest first);
+    files (a resumable .part among them) stay."""
+    for folder, _, _ in sorted(os.walk(out_dir), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    for folder in created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -1,6 +1,10 @@
 """Stage 4, evaluate: out-of-domain and in-domain accuracy of a trained run, as JSON.
 
-Metrics file (accuracies in percent, the paper's unit):
+Two files per run (dmgcli/results.py reads them):
+  seed<N>.json          the headline DVC shows (`dvc metrics show`): out_of_domain, in_domain
+                        (average), in_domain_known_domain (DMG-KnownDomain / own head), best_epoch
+  seed<N>.details.json  everything, below
+Details file (accuracies in percent, the paper's unit):
 {
   "dataset", "backbone", "method", "target", "seed", "sources": [...],
   "out_of_domain": {"accuracy": float, "mode": "average"},          # target's test split
@@ -8,7 +12,9 @@ Metrics file (accuracies in percent, the paper's unit):
   "in_domain_split": "test",   # "val" for PACS, whose test list is the whole domain (train included)
   "selection": {"best_epoch": int, "val_accuracy": float},
   "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}},  # DMG only
-            "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}}
+            "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}},
+  "finished": bool,   # false: evaluated with allow_unfinished, the run had no run.json
+  "protocol": {...}   # how the run was trained (stages/train.py run_protocol); absent for old checkpoints
 }
 In-domain modes: "average" for every method; "known_domain" for DMG (DMG-KnownDomain,
 Table 3) and Multi-Headed (own head).
@@ -24,15 +30,36 @@ from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
+from dmgcli.errors import DmgError
 from dmgcli.fileio import read_record, write_json
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
 from dmgcli.params import EvaluateParams, TrainParams
+from dmgcli.results import details_path, headline, metrics_path  # noqa: F401 - metrics_path re-exported
 from stages.train import check_identity, make_spec, run_dir
 
 
-def metrics_path(metrics_dir: str | Path, dataset: str, backbone: str, method: str, target: str, seed: int) -> Path:
-    return Path(metrics_dir) / dataset / backbone / method / target / f"seed{seed}.json"
+def train_command(info: DatasetInfo, params: TrainParams, run: str | Path | None) -> str:
+    """The `dmg train` command that makes the run evaluate looks for."""
+    sources = "".join(f" --source {s}" for s in params.sources or ())
+    out = f" --out {run}" if run else ""
+    return (f"dmg train --dataset {info.name} --target {params.target}{sources} --backbone {params.backbone} "
+            f"--method {params.method} --seed {params.seed}{out}")
+
+
+def run_state(folder: Path, info: DatasetInfo, params: TrainParams, run, allow_unfinished: bool) -> dict:
+    """run.json of a finished run; for an unfinished one (allowed), what last.pt says so far."""
+    if not (folder / "best.pt").exists():
+        raise DmgError(f"no trained run in {folder} (best.pt not found); make it with `{train_command(info, params, run)}`")
+    if (folder / "run.json").exists():
+        return {**read_record(folder / "run.json", ("best",)), "finished": True}
+    last = load_checkpoint(folder / "last.pt") if (folder / "last.pt").exists() else {}
+    if not allow_unfinished:
+        planned = (last.get("protocol") or {}).get("epochs")
+        epochs = f" --epochs {planned}" if planned else ""
+        raise DmgError(f"{folder} holds an unfinished run (no run.json: stopped or still training); finish it with "
+                       f"`{train_command(info, params, run)}{epochs} --resume`, or pass --allow-unfinished")
+    return {"best": last.get("best", {}), "protocol": last.get("protocol"), "finished": False}
 
 
 KEEP_BINS = 20  # equal-width keep-probability bins over [0, 1] for the report's histograms
@@ -53,24 +80,34 @@ def keep_histograms(method: DMG, sources: list[str]) -> dict:
 
 
 def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, params: EvaluateParams,
-             run: str | Path | None = None, out: str | Path | None = None, metrics_dir: str | Path = "metrics") -> dict:
-    """Evaluate the best checkpoint of a run; writes and returns the metrics.
+             run: str | Path | None = None, out: str | Path | None = None, metrics_dir: str | Path = "metrics",
+             allow_unfinished: bool = False) -> dict:
+    """Evaluate the best checkpoint of a run; writes the headline and details files (out is the
+    headline's path) and returns the details. An unfinished run (no run.json) is refused
+    unless allow_unfinished; its metrics then say finished: false.
 
     Under torchrun each process scores its share of every split and the counts are summed,
-    so each sample counts once; rank 0 writes the file.
+    so each sample counts once; rank 0 writes the files.
     """
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, train_params, params.average_over)
     folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
                                            train_params.target, train_params.seed)
+    state = run_state(folder, info, train_params, run, allow_unfinished)
     ckpt = load_checkpoint(folder / "best.pt")
     check_identity(ckpt, spec, folder / "best.pt")
     with distributed.session(resolve_device(params.device)) as (proc, device):
         metrics = _evaluate(info, h5, spec, ckpt, folder, train_params, params, device)
+        best = state["best"]
+        metrics["selection"] = {"best_epoch": best.get("epoch"), "val_accuracy": best.get("val_accuracy")}
+        metrics["finished"] = state["finished"]
+        if state.get("protocol"):  # checkpoints from before protocols were recorded have none
+            metrics["protocol"] = state["protocol"]
         path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
                                                   train_params.seed)
         if proc.is_main:
-            write_json(path, metrics)
+            write_json(details_path(path), metrics)
+            write_json(path, headline(metrics))
     return metrics
 
 
@@ -98,14 +135,12 @@ def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train
         correct, total = correct_counts(method, sources, eval_aug, mode, len(spec.sources))
         per_domain = {d: 100.0 * c / max(t, 1) for d, c, t in zip(spec.sources, correct, total)}
         in_domain[mode] = {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain)}
-    best = read_record(folder / "run.json", ("best",))["best"] if (folder / "run.json").exists() else {}
     metrics = {
         "dataset": info.name, "backbone": config.backbone, "method": spec.method, "target": spec.target,
         "in_domain_split": info.in_domain_split,
         "seed": train_params.seed, "sources": list(spec.sources),
         "out_of_domain": {"accuracy": 100.0 * target_correct[0] / max(target_total[0], 1), "mode": "average"},
         "in_domain": in_domain,
-        "selection": {"best_epoch": best.get("epoch"), "val_accuracy": best.get("val_accuracy")},
     }
     if isinstance(method, DMG):
         metrics["masks"] = {"points": list(method.mask_points),

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dmgcli.fileio import atomic_path, read_json  # noqa: E402
+from dmgcli.results import summary_markdown, summary_path, sweep_epochs  # noqa: E402
 
 # Fixed SVG element ids, so an unchanged figure is byte-identical (DVC sees no change).
 plt.rcParams["svg.hashsalt"] = "dmg"
@@ -134,7 +135,7 @@ def plot_sweep(summary: dict, stem: Path) -> Path:
     iou_ax.set(ylabel="mean pairwise IoU", xlabel="λ_O (overlap-loss weight)")
     iou_ax.set_xticks(list(x), [f"{r['lambda']:g}" for r in rows])
     fig.suptitle(f"{summary['dataset']} {summary['backbone']} DMG: targets {', '.join(summary['targets'])}, "
-                 f"{len(summary['seeds'])} seed(s), {summary['epochs']} epochs", fontsize=9)
+                 f"{len(summary['seeds'])} seed(s), {sweep_epochs(summary)}", fontsize=9)
     return save(fig, stem)
 
 
@@ -148,8 +149,6 @@ class Figures:
 
     def markdown(self) -> list[str]:
         """The figures section of index.md."""
-        from stages.sweep import summary_markdown
-
         lines = ["## λ_O sweep", ""]
         if self.sweep:
             lines += ["![lambda_O sweep](figures/lambda_sweep.png) ([svg](figures/lambda_sweep.svg))", "",
@@ -172,11 +171,9 @@ class Figures:
 def draw_report_figures(dataset: str, runs, data_dir: str | Path, folder: Path) -> Figures:
     """Draw every figure of a dataset's report into folder/figures; bad inputs are listed, not fatal.
 
-    runs: stages.report.Runs (the metrics files). Curves come from every run folder under
+    runs: dmgcli.results.Runs (the metrics files). Curves come from every run folder under
     <data_dir>/runs/<dataset>; the sweep from <data_dir>/sweeps/<dataset>/sweep.json.
     """
-    from stages.sweep import summary_path
-
     figures = Figures()
     for log_path in sorted(Path(data_dir, "runs", dataset).glob("*/*/*/seed*/log.csv")):
         backbone, method, target, seed = log_path.parts[-5:-1]

@@ -10,7 +10,7 @@ commands that produce it.
 
 Tables: the paper's Tables 1-3 (`dmg report --table N`, numbers from dmgcli/paper_tables.json)
 and, for any dataset, the out-of-domain and in-domain tables of the params.yaml matrix.
-Formats: text, markdown, csv, latex, json. The stage writes reports/<dataset>/:
+Formats (stages/report_formats.py): text, markdown, csv, latex, json. The stage writes reports/<dataset>/:
   tables.{txt,md,csv,tex,json}   out-of-domain + in-domain tables of the matrix
   table<N>.{...}                 the paper's tables of this dataset (pacs: 2; domainnet: 1 and 3)
   figures/                       training curves, mask IoU/keep-probability plots, lambda_O sweep
@@ -18,23 +18,19 @@ Formats: text, markdown, csv, latex, json. The stage writes reports/<dataset>/:
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import json
-import re
 import statistics
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 from dmgcli.datasets import get_dataset
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_text
 from dmgcli.params import MatrixParams
+from dmgcli.results import Record, Runs, Stat, load_runs, metric, paper_data, run_marks, stat  # noqa: F401 - re-exported
+from stages.report_formats import (EXTENSIONS, FORMATS, Notes, footnotes, render, to_csv, to_json,  # noqa: F401
+                                   to_latex, to_markdown, to_text)
 
-FORMATS = ("text", "markdown", "csv", "latex", "json")
-EXTENSIONS = {"text": "txt", "markdown": "md", "csv": "csv", "latex": "tex", "json": "json"}
 KINDS = ("out_of_domain", "in_domain")
 METHOD_ORDER = ("aggregate", "multihead", "dmg")
 # In-domain evaluation modes evaluate writes per method, with their row labels.
@@ -46,109 +42,6 @@ METHOD_ROWS = {
 BACKBONE_LABELS = {"convnet": "ConvNet", "alexnet": "AlexNet", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 IMAGENET_BACKBONES = ("alexnet", "resnet18", "resnet50")  # the paper fine-tunes ImageNet weights
 PAPER_TABLES_OF = {"domainnet": (1, 3), "pacs": (2,)}
-
-
-# ----------------------------------------------------------------------------- metrics files
-
-@dataclass(frozen=True)
-class Record:
-    """One metrics file: where it lies and what it holds."""
-    path: Path
-    data: dict
-
-
-@dataclass
-class Runs:
-    """The metrics files of one dataset, by cell (backbone, method, target), then by seed."""
-    dataset: str
-    cells: dict[tuple[str, str, str], dict[int, Record]] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # "path: why", files that could not be used
-
-    def get(self, backbone: str, method: str, target: str) -> dict[int, Record]:
-        return self.cells.get((backbone, method, target), {})
-
-
-def _number(data: dict, *keys: str) -> float:
-    """data[k1][k2]... as a float; KeyError/TypeError/ValueError when absent or not a number."""
-    for key in keys:
-        data = data[key]
-    if isinstance(data, bool) or not isinstance(data, (int, float)):
-        raise ValueError(f"{'.'.join(keys)} is not a number")
-    return float(data)
-
-
-def read_record(path: Path) -> dict:
-    """Parse one metrics file; ValueError naming what is wrong when it is unreadable or partial."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError:
-        raise ValueError("not valid JSON (truncated or partly written?)") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a metrics object")
-    for key, kind in (("dataset", str), ("backbone", str), ("method", str), ("target", str), ("seed", int),
-                      ("sources", list)):
-        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
-            raise ValueError(f"missing or malformed {key!r}")
-    for keys in (("out_of_domain", "accuracy"), ("in_domain", "average", "mean")):
-        try:
-            _number(data, *keys)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"missing {'.'.join(keys)}") from None
-    return data
-
-
-def check_cell(record: Record, dataset: str, cell: tuple[str, str, str], seed: int, seeds: dict[int, Record]) -> None:
-    """Refuse a file whose settings differ from its cell's: another dataset, backbone, method,
-    target or seed than its folder says, or other source domains than the cell's other seeds."""
-    expected = {"dataset": dataset, "backbone": cell[0], "method": cell[1], "target": cell[2], "seed": seed}
-    for key, value in expected.items():
-        if record.data[key] != value:
-            raise DmgError(f"{record.path} holds metrics for {key}={record.data[key]!r} but lies in the folder of "
-                           f"{key}={value!r}; one cell would mix settings. Move or delete that file.")
-    for other in seeds.values():
-        if other.data["sources"] != record.data["sources"]:
-            raise DmgError(f"{record.path} and {other.path} are seeds of one cell ({' '.join(cell)}) but were trained "
-                           f"on different source domains ({', '.join(record.data['sources'])} vs "
-                           f"{', '.join(other.data['sources'])}). Delete the stale one and re-run evaluate.")
-
-
-SEED_FILE = re.compile(r"seed(\d+)\.json")
-
-
-def load_runs(metrics_dir: str | Path, dataset: str) -> Runs:
-    """All metrics files of a dataset. Unreadable, partial or misplaced files are listed in
-    `skipped`; files that contradict their cell raise DmgError."""
-    root = Path(metrics_dir) / dataset
-    runs = Runs(dataset)
-    for path in sorted(root.rglob("*.json")) if root.is_dir() else []:
-        parts = path.relative_to(root).parts
-        match = SEED_FILE.fullmatch(parts[-1])
-        if len(parts) != 4 or not match:
-            runs.skipped.append(f"{path}: not at <backbone>/<method>/<target>/seed<N>.json")
-            continue
-        try:
-            record = Record(path, read_record(path))
-        except ValueError as exc:
-            runs.skipped.append(f"{path}: {exc}")
-            continue
-        cell, seed = (parts[0], parts[1], parts[2]), int(match.group(1))
-        seeds = runs.cells.setdefault(cell, {})
-        check_cell(record, dataset, cell, seed, seeds)
-        seeds[seed] = record
-    return runs
-
-
-def metric(data: dict, kind: str, mode: str) -> float | None:
-    """The number one metrics file gives a table: out-of-domain accuracy, or the mean
-    in-domain accuracy in `mode`; None when the file has no such mode."""
-    try:
-        if kind == "out_of_domain":
-            return _number(data, "out_of_domain", "accuracy")
-        return _number(data, "in_domain", mode, "mean")
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- table layouts
@@ -174,11 +67,6 @@ class TableSpec:
     backbone_labels: dict[str, str]
     rows: tuple[RowSpec, ...]
     pretrained: bool  # whether the commands for missing cells start from ImageNet weights
-
-
-def paper_data() -> dict:
-    """dmgcli/paper_tables.json: the paper's Tables 1-3 and where they come from."""
-    return json.loads(resources.files("dmgcli").joinpath("paper_tables.json").read_text(encoding="utf-8"))
 
 
 def paper_table(number: int) -> TableSpec:
@@ -234,26 +122,24 @@ def default_tables(matrix: MatrixParams, runs: Runs) -> list[TableSpec]:
 # ----------------------------------------------------------------------------- filling cells
 
 @dataclass(frozen=True)
-class Stat:
-    """Our number in one cell: mean and sample std over seeds."""
-    mean: float
-    std: float  # 0.0 for one seed
-    n: int
-    seeds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class Cell:
     paper: float | None
     ours: Stat | None
     command: str | None = None  # produces the missing run(s) behind an empty cell
+    marks: tuple[str, ...] = ()  # how its runs differ from the reference protocol, unfinished runs, ...
 
     @property
     def diff(self) -> float | None:
-        """ours - paper, from our mean rounded as printed so the three numbers agree."""
-        if self.paper is None or self.ours is None:
+        """ours - paper, from our mean rounded as printed so the three numbers agree; only for
+        cells whose runs follow the paper's protocol (a marked cell compares across protocols)."""
+        if self.paper is None or self.ours is None or self.marks:
             return None
         return round(round(self.ours.mean, 2) - self.paper, 2) + 0.0  # + 0.0: no "-0.00"
+
+    @property
+    def note(self) -> str | None:
+        """The footnote text of a marked cell."""
+        return "; ".join(self.marks) or None
 
 
 @dataclass(frozen=True)
@@ -266,14 +152,6 @@ class FilledRow:
 class FilledTable:
     spec: TableSpec
     rows: tuple[FilledRow, ...]
-
-
-def stat(values: dict[int, float]) -> Stat | None:
-    if not values:
-        return None
-    seeds = tuple(sorted(values))
-    vals = [values[s] for s in seeds]
-    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals), seeds)
 
 
 def overall(columns: list[dict[int, float]]) -> Stat | None:
@@ -295,22 +173,27 @@ def run_command(dataset: str, backbone: str, method: str, target: str, seeds: tu
 
 
 def fill(spec: TableSpec, runs: Runs, seeds: tuple[int, ...]) -> FilledTable:
-    """Our numbers (or the commands that would make them) for every cell of a layout."""
+    """Our numbers (or the commands that would make them) for every cell of a layout, each
+    marked where its runs are unfinished or differ from the reference protocol."""
     rows = []
     for row in spec.rows:
         paper = row.paper or (None,) * (len(spec.columns) + 1)
-        columns = []
+        columns, column_marks = [], []
         for target in spec.columns:
             records = runs.get(row.backbone, row.method, target) if row.method else {}
             values = {s: metric(r.data, spec.kind, row.mode) for s, r in records.items()}
-            columns.append({s: v for s, v in values.items() if v is not None})
+            used = {s: r for s, r in records.items() if values[s] is not None}
+            columns.append({s: values[s] for s in used})
+            column_marks.append(run_marks(used, spec.dataset, row.method) if used else ())
         cells = []
-        for target, values, paper_value in zip(spec.columns, columns, paper):
+        for target, values, marks, paper_value in zip(spec.columns, columns, column_marks, paper):
             ours = stat(values)
             command = None if ours or not row.method else run_command(
                 spec.dataset, row.backbone, row.method, target, seeds, spec.pretrained)
-            cells.append(Cell(paper_value, ours, command))
-        cells.append(Cell(paper[-1], overall(columns) if row.method else None))
+            cells.append(Cell(paper_value, ours, command, marks))
+        # Overall: every mark of the columns it averages
+        marks = tuple(dict.fromkeys(m for ms in column_marks for m in ms))
+        cells.append(Cell(paper[-1], overall(columns) if row.method else None, marks=marks))
         rows.append(FilledRow(row, tuple(cells)))
     return FilledTable(spec, tuple(rows))
 
@@ -357,176 +240,6 @@ def default_document(dataset: str, matrix: MatrixParams, metrics_dir: str | Path
     runs = load_runs(metrics_dir, info.name)
     tables = tuple(fill(spec, runs, matrix.seeds) for spec in default_tables(matrix, runs))
     return Document(tables, runs, tuple(missing_files(matrix, runs, metrics_dir)))
-
-
-# ----------------------------------------------------------------------------- rendering
-
-def legend(doc: Document) -> str:
-    paper = any(row.spec.paper for table in doc.tables for row in table.rows)
-    return ("ours: mean ± sample std over n seeds" + ("; diff = ours - paper" if paper else "")
-            + "; -#k = no run yet, made by command #k below.")
-
-
-def footnotes(doc: Document) -> dict[str, int]:
-    """Number each distinct command in order of appearance (a DMG run fills DMG and DMG-KnownDomain)."""
-    notes: dict[str, int] = {}
-    for table in doc.tables:
-        for row in table.rows:
-            for cell in row.cells:
-                if cell.command and cell.command not in notes:
-                    notes[cell.command] = len(notes) + 1
-    return notes
-
-
-def row_n(row: FilledRow) -> int | None:
-    """The number of seeds when every filled cell of the row has the same; else None."""
-    ns = {c.ours.n for c in row.cells if c.ours}
-    return ns.pop() if len(ns) == 1 else None
-
-
-def ours_text(cell: Cell, common_n: int | None, notes: dict[str, int]) -> str:
-    if cell.ours is None:
-        return f"-#{notes[cell.command]}" if cell.command else "-"
-    text = f"{cell.ours.mean:.2f}" + (f"±{cell.ours.std:.2f}" if cell.ours.n > 1 else "")
-    return text if cell.ours.n == common_n else f"{text} (n={cell.ours.n})"
-
-
-def sub_rows(row: FilledRow, notes: dict[str, int]) -> list[tuple[str, list[str]]]:
-    """(sub-label, cell texts) lines of one row: paper, ours, diff, as far as the row has them."""
-    lines = []
-    if row.spec.paper:
-        lines.append(("paper", [f"{c.paper:.2f}" for c in row.cells]))
-    if row.spec.method:
-        n = row_n(row)
-        lines.append((f"ours (n={n})" if n else "ours", [ours_text(c, n, notes) for c in row.cells]))
-        if any(c.diff is not None for c in row.cells):
-            lines.append(("diff", ["-" if c.diff is None else f"{c.diff:+.2f}" for c in row.cells]))
-    return lines
-
-
-def grid(table: FilledTable, notes: dict[str, int]) -> list[list[str]]:
-    """Header plus one line per sub-row: [backbone, method, sub-label, cells...]; backbone and
-    method only on their first line, as the paper prints them."""
-    spec = table.spec
-    lines = [["", "Method", "", *spec.column_labels, "Overall"]]
-    last_backbone = None
-    for row in table.rows:
-        for i, (sub, cells) in enumerate(sub_rows(row, notes)):
-            backbone = spec.backbone_labels.get(row.spec.backbone, row.spec.backbone)
-            lines.append([backbone if row.spec.backbone != last_backbone else "", row.spec.label if i == 0 else "",
-                          sub, *cells])
-            last_backbone = row.spec.backbone
-    return lines
-
-
-def command_list(notes: dict[str, int], prefix: str = "") -> list[str]:
-    return [f"{prefix}#{k} {command}" for command, k in notes.items()]
-
-
-def to_text(doc: Document) -> str:
-    notes = footnotes(doc)
-    blocks = []
-    for table in doc.tables:
-        lines = grid(table, notes)
-        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-        text = [table.spec.title]
-        for line in lines:
-            cells = [c.ljust(w) for c, w in zip(line[:3], widths)] + [c.rjust(w) for c, w in zip(line[3:], widths[3:])]
-            text.append("  ".join(cells).rstrip())
-        blocks.append("\n".join(text))
-    return "\n\n".join(blocks) + "\n\n" + legend(doc) + "\n" + "".join(line + "\n" for line in command_list(notes))
-
-
-def to_markdown(doc: Document) -> str:
-    notes = footnotes(doc)
-    blocks = []
-    for table in doc.tables:
-        lines = grid(table, notes)
-        lines[0][0] = "Backbone"
-        text = [f"### {table.spec.title}", "", "| " + " | ".join(lines[0]) + " |",
-                "|" + "---|" * 3 + "---:|" * (len(lines[0]) - 3)]
-        text += ["| " + " | ".join(line) + " |" for line in lines[1:]]
-        blocks.append("\n".join(text))
-    commands = [f"- #{k} `{command}`" for command, k in notes.items()]
-    return "\n\n".join(blocks) + "\n\n" + legend(doc) + "\n" + ("\n" + "\n".join(commands) + "\n" if commands else "")
-
-
-def latex_escape(text: str) -> str:
-    """LaTeX source for one cell: special characters escaped, ± and † as math."""
-    return re.sub(r"([_&%#$])", r"\\\1", text).replace("±", " $\\pm$ ").replace("†", "$^\\dagger$")
-
-
-def to_latex(doc: Document) -> str:
-    """booktabs tables; the commands for missing cells as LaTeX comments below each table."""
-    notes = footnotes(doc)
-    blocks = []
-    for table in doc.tables:
-        lines = grid(table, notes)
-        text = [f"% {table.spec.title}", "\\begin{tabular}{lll" + "r" * (len(lines[0]) - 3) + "}", "\\toprule",
-                " & ".join(latex_escape(c) for c in lines[0]) + " \\\\", "\\midrule"]
-        for i, line in enumerate(lines[1:], 1):
-            if i > 1 and line[0]:
-                text.append("\\midrule")
-            text.append(" & ".join(latex_escape(c) for c in line) + " \\\\")
-        text += ["\\bottomrule", "\\end{tabular}"]
-        blocks.append("\n".join(text))
-    comments = [f"% {line}" for line in [legend(doc)] + command_list(notes)]
-    return "\n\n".join(blocks) + "\n" + "\n".join(comments) + "\n"
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
-
-
-def to_csv(doc: Document) -> str:
-    """One line per cell: the paper's number, ours (mean, std, n, seeds), the difference, the command."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["table", "dataset", "kind", "backbone", "row", "method", "mode", "column", "paper", "ours_mean",
-                     "ours_std", "n", "seeds", "diff", "command"])
-    for table in doc.tables:
-        spec = table.spec
-        for row in table.rows:
-            for column, cell in zip((*spec.columns, "overall"), row.cells):
-                ours = cell.ours
-                writer.writerow([spec.name, spec.dataset, spec.kind, row.spec.backbone, row.spec.label,
-                                 row.spec.method or "", row.spec.mode, column,
-                                 "" if cell.paper is None else f"{cell.paper:.2f}",
-                                 f"{ours.mean:.4f}" if ours else "", f"{ours.std:.4f}" if ours else "",
-                                 ours.n if ours else 0, " ".join(map(str, ours.seeds)) if ours else "",
-                                 "" if cell.diff is None else f"{cell.diff:.2f}", cell.command or ""])
-    return buf.getvalue()
-
-
-def table_json(table: FilledTable) -> dict:
-    spec = table.spec
-    rows = []
-    for row in table.rows:
-        cells = {}
-        for column, cell in zip((*spec.columns, "overall"), row.cells):
-            ours = cell.ours and {"mean": _round(cell.ours.mean), "std": _round(cell.ours.std), "n": cell.ours.n,
-                                  "seeds": list(cell.ours.seeds)}
-            cells[column] = {"paper": cell.paper, "ours": ours, "diff": cell.diff, "command": cell.command}
-        rows.append({"backbone": row.spec.backbone, "label": row.spec.label, "method": row.spec.method,
-                     "mode": row.spec.mode, "cells": cells})
-    return {"name": spec.name, "title": spec.title, "dataset": spec.dataset, "kind": spec.kind,
-            "columns": list(spec.columns), "column_labels": list(spec.column_labels), "rows": rows}
-
-
-def to_json(doc: Document) -> str:
-    data = {"source": paper_data()["source"], "runs": doc.count, "tables": [table_json(t) for t in doc.tables],
-            "commands": {str(k): c for c, k in footnotes(doc).items()}, "skipped": list(doc.skipped),
-            "missing": list(doc.missing)}
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-RENDERERS = {"text": to_text, "markdown": to_markdown, "csv": to_csv, "latex": to_latex, "json": to_json}
-
-
-def render(doc: Document, fmt: str) -> str:
-    if fmt not in RENDERERS:
-        raise DmgError(f"unknown report format {fmt!r}; valid: {', '.join(FORMATS)}")
-    return RENDERERS[fmt](doc)
 
 
 # ----------------------------------------------------------------------------- the stage

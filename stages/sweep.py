@@ -4,7 +4,8 @@ The paper's footnote claims in- and out-of-domain accuracy are robust to lambda_
 in-domain drops at extreme values) and that the mean pairwise IoU of the source-domain masks
 falls as lambda_O grows. This stage measures those three numbers for each lambda_O in
 params.yaml `report.sweep` (default 0, 0.01, 0.1, 0.5, 1.0). Everything else comes from the
-`train` section. Each point is trained from scratch (a rerun replaces the folder's runs).
+`train` section. Each point is trained from scratch (a rerun replaces the folder's runs:
+they are the sweep's own, not the pipeline's train outputs).
 
 Writes <data_dir>/sweeps/<dataset>/:
   lambda<l>/<target>/seed<N>/   run folder (best.pt, last.pt, log.csv, run.json) and metrics.json
@@ -22,20 +23,10 @@ from dmgcli.datasets import DatasetInfo, check_domain
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json
 from dmgcli.params import EvaluateParams, SweepParams, TrainParams
+from dmgcli.results import SWEEP_MEASURES as MEASURES
+from dmgcli.results import stat, summary_markdown, summary_path, sweep_dir  # noqa: F401 - re-exported
 from stages.evaluate import evaluate
-from stages.report import stat
 from stages.train import train
-
-MEASURES = ("out_of_domain", "in_domain", "in_domain_known", "mean_iou")
-
-
-def sweep_dir(data_dir: str | Path, dataset: str) -> Path:
-    return Path(data_dir) / "sweeps" / dataset
-
-
-def summary_path(data_dir: str | Path, dataset: str) -> Path:
-    """Where `dmg sweep` leaves its summary; the report stage reads it from there."""
-    return sweep_dir(data_dir, dataset) / "sweep.json"
 
 
 def mean_pairwise_iou(masks: dict) -> float:
@@ -84,7 +75,11 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
     """Train and evaluate DMG on the grid; writes and returns the summary (sweep.json)."""
     check_settings(info, settings)
     folder = sweep_dir(data_dir, info.name)
-    epochs = settings.epochs if settings.epochs is not None else train_params.epochs
+    schedule = train_params.schedules.get(info.name)
+    if schedule is None:
+        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+    # the epochs every point trains for (DMG's schedule unless set), so the summary can say it
+    epochs = settings.epochs or train_params.epochs or schedule.epochs
     points = []
     for lam in settings.lambdas:
         for target in settings.targets:
@@ -92,7 +87,7 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
                 params = dataclasses.replace(train_params, method="dmg", overlap_lambda=lam, target=target,
                                              seed=seed, epochs=epochs)
                 run = folder / f"lambda{lam:g}" / target / f"seed{seed}"
-                train(info, data_dir, params, out_dir=run, quiet=True)
+                train(info, data_dir, params, out_dir=run, quiet=True, force=True)
                 metrics = evaluate(info, data_dir, params, eval_params, run=run, out=run / "metrics.json")
                 point = {"lambda": lam, "target": target, "seed": seed, **measure(metrics)}
                 points.append(point)
@@ -106,23 +101,3 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
 
     plot_sweep(summary, folder / "lambda_sweep")
     return summary
-
-
-def summary_markdown(summary: dict) -> str:
-    """The sweep's per-lambda_O numbers as a Markdown table."""
-    n = len(summary["seeds"])
-    lines = [f"{summary['dataset']} {summary['backbone']}, targets {', '.join(summary['targets'])}, "
-             f"{summary['epochs']} epochs; " + (f"mean ± std over {n} seeds" if n > 1 else "one seed")
-             + ", each the mean over targets.", "",
-             "| λ_O | out-of-domain (%) | in-domain (%) | in-domain, known domain (%) | mean pairwise IoU |",
-             "|---:|---:|---:|---:|---:|"]
-    for row in summary["summary"]:
-        cells = [_mean_std(row[k], digits=3 if k == "mean_iou" else 2) for k in MEASURES]
-        lines.append(f"| {row['lambda']:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _mean_std(value: dict, digits: int) -> str:
-    """mean, with +- std when there is more than one seed."""
-    text = f"{value['mean']:.{digits}f}"
-    return text + (f" ± {value['std']:.{digits}f}" if value["n"] > 1 else "")

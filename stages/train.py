@@ -5,7 +5,10 @@ source-validation accuracy (the target is never looked at), and writes into the 
   best.pt, last.pt   checkpoints (last.pt after every epoch, atomically; --resume continues it):
                      model with masks, optimizers, scheduler, every process's RNG state, epoch
   log.csv            one row per epoch: loss terms, source-validation accuracy, lr, img/s
-  run.json           what was trained: dataset, domains, method config, schedule, best epoch
+  run.json           what was trained: dataset, domains, method config, schedule, best epoch and
+                     the protocol (the report compares it with the paper's); written last, so a
+                     folder without run.json holds an unfinished run
+A finished run folder is never replaced unless asked (force=True, `dmg train --force`).
 A killed run resumed with --resume ends exactly as an uninterrupted one would (on the CPU,
 same seed): the epoch's sample order is a function of seed and epoch, the RNG states are restored.
 Under torchrun (dmgcli/distributed.py) every process trains; rank 0 alone writes.
@@ -15,11 +18,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import dmgcli
 from dmgcli import augment as aug
 from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
@@ -169,7 +174,8 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
     best_path = path.parent / "best.pt"
     if proc.is_main and ckpt["best"]["epoch"] == ckpt["epoch"] and (
             not best_path.exists() or load_checkpoint(best_path).get("epoch") != ckpt["epoch"]):
-        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch")})
+        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol")
+                                    if k in ckpt})
     load_model_state(method, ckpt["model"], path)
     for opt, state in zip(method.optimizers, ckpt["optimizers"]):
         opt.load_state_dict(state)
@@ -185,16 +191,55 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
     return ckpt
 
 
+SELECTION = "best mean source-validation accuracy"  # the target is never looked at
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs, when it lies in a git checkout; else None."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def run_protocol(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, schedule, epochs: int,
+                 precision: str) -> dict:
+    """How the run is trained, in the terms the report compares with the paper's protocol
+    (dmgcli/paper_tables.json "protocols"); epochs_run is filled in per checkpoint."""
+    config = spec.config
+    weights = None
+    if config.pretrained:
+        weights = f"imagenet (file {config.pretrained_path})" if config.pretrained_path else "imagenet (torchvision)"
+    return {"pretrained": config.pretrained, "weights": weights, "epochs": epochs,
+            "schedule_epochs": schedule.epochs if spec.method == "dmg" else schedule.baseline_epochs, "epochs_run": 0,
+            "batch_size": params.batch_size, "image_size": read_info(h5).height,
+            "crop": aug.CROP if info.augmentation != "none" else None,
+            "overlap_lambda": config.overlap_lambda, "lr": config.lr, "mask_lr": config.mask_lr,
+            "augmentation": info.augmentation, "precision": precision, "selection": SELECTION,
+            "dmg_version": dmgcli.__version__, "git_commit": git_commit()}
+
+
+def check_run_folder(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to replace a finished run (run.json present) unless asked: it may be a pipeline output."""
+    if (out / "run.json").exists() and not (resume or force):
+        raise DmgError(f"{out} holds a finished run (run.json); --resume continues it, --force replaces it, "
+                       f"--out FOLDER trains elsewhere")
+
+
 def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir: str | Path | None = None,
-          resume: bool = False, quiet: bool = False) -> Path:
+          resume: bool = False, quiet: bool = False, force: bool = False) -> Path:
     """Train one run; returns its folder (best.pt, last.pt, log.csv, run.json).
 
+    A folder holding a finished run is refused unless resume (continue it) or force (replace it).
     Under torchrun every process calls this; only rank 0 writes files and prints.
     """
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, params)
     out = Path(out_dir) if out_dir else run_dir(data_dir, info.name, params.backbone, params.method, params.target,
                                                  params.seed)
+    check_run_folder(out, resume, force)
     autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
     with distributed.session(resolve_device(params.device)) as (proc, device):
         with run_lock(out, enabled=proc.is_main):  # one writer per run folder; clears a killed run's temp files
@@ -223,8 +268,14 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
         ckpt = restore(last_path, spec, settings, method, scheduler, proc, params.seed)
         start_epoch, best, rows = ckpt["epoch"], ckpt["best"], ckpt["log"]
     objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
+    precision = params.precision if device.type == "cuda" else "fp32"
+    protocol = run_protocol(info, h5, spec, params, schedule, epochs, precision)
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").unlink(missing_ok=True)  # the folder holds an unfinished run until the end
+        if start_epoch == 0:  # a fresh start (--force, or an unfinished folder without --resume)
+            for name in ("log.csv", "best.pt"):
+                (out / name).unlink(missing_ok=True)
 
     for epoch in range(start_epoch, epochs):
         stats = train_one_epoch(method, train_stream, train_aug, params.seed, epoch, scheduler,
@@ -249,7 +300,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
                   f"{stats.images_per_second:.0f} img/s", flush=True)
         # "epoch" = epochs completed (1-based, as in log.csv and run.json)
         payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict(),
-                   "epoch": epoch + 1}
+                   "epoch": epoch + 1, "protocol": {**protocol, "epochs_run": epoch + 1}}
         save_checkpoint(last_path, {**payload, "best": best, "log": rows, "settings": settings,
                                     "optimizers": [o.state_dict() for o in method.optimizers],
                                     "scheduler": scheduler.state_dict(), "rng": rng})
@@ -264,6 +315,6 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
                                       "config": dataclasses.asdict(spec.config),
                                       "schedule": dataclasses.asdict(schedule), "device": str(device),
                                       "processes": proc.world, "batch_size": params.batch_size,
-                                      "precision": params.precision if device.type == "cuda" else "fp32",
-                                      "torch": torch.__version__})
+                                      "precision": precision, "torch": torch.__version__,
+                                      "protocol": {**protocol, "epochs_run": len(rows)}})
     return out

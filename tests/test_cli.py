@@ -1,14 +1,17 @@
 """The CLI on temporary folders: the digits pipeline, repeatability, resume, and bad input."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import write_params
+from conftest import REPO, write_params
 from dmgcli.cli import app
 from dmgcli.params import Params, load_params
+from dmgcli.results import details_path
 
 runner = CliRunner()
 
@@ -48,7 +51,7 @@ def test_train_evaluate_report_and_same_seed_same_metrics(workdir):
     for run in ("a", "b"):
         dmg("train", "--target", "rot45", "--method", "dmg", "--epochs", "2", "--out", workdir / run)
         dmg("evaluate", "--target", "rot45", "--method", "dmg", "--run", workdir / run, "--out", workdir / f"{run}.json")
-    a, b = (json.loads((workdir / f"{r}.json").read_text()) for r in "ab")
+    a, b = (json.loads((workdir / f"{r}.details.json").read_text()) for r in "ab")
     assert a == b
     assert set(a["in_domain"]) == {"average", "known_domain"}
     assert set(a["in_domain"]["average"]["per_domain"]) == set(a["sources"]) and "rot45" not in a["sources"]
@@ -101,7 +104,9 @@ def test_resume_refuses_a_checkpoint_of_another_method(workdir):
     (["train", "--target", "rot0", "--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["train", "--target", "cartoon"], "prepare pacs first with `dmg download pacs && dmg preprocess pacs`"),
     (["train", "--target", "quickdraw", "--backbone", "alexnet"], "dmg download domainnet && dmg preprocess domainnet"),
-    (["evaluate", "--target", "rot30", "--method", "dmg"], "best.pt not found"),
+    (["evaluate", "--target", "rot30", "--method", "dmg"],
+     "(best.pt not found); make it with `dmg train --dataset digits --target rot30 --backbone convnet --method dmg "
+     "--seed 0`"),
     (["train", "--target", "rot0", "--source", "rot0", "--source", "rot15"], "target 'rot0' is also a source"),
     (["train", "--target", "rot0", "--source", "rot7"], "unknown source domain 'rot7'"),
     (["train", "--target", "rot0", "--batch-size", "0"], "train.batch_size must be at least 1"),
@@ -119,7 +124,7 @@ def test_a_subset_of_sources(workdir):
         "--out", workdir / "sub")
     dmg("evaluate", "--target", "rot0", "--source", "rot15", "--source", "rot75", "--method", "dmg",
         "--run", workdir / "sub", "--out", workdir / "sub.json")
-    metrics = json.loads((workdir / "sub.json").read_text())
+    metrics = json.loads((workdir / "sub.details.json").read_text())
     assert metrics["sources"] == ["rot15", "rot75"]
     assert len(metrics["masks"]["iou"]["fc"]) == 2
 
@@ -144,6 +149,106 @@ def test_malformed_params_name_the_key(tmp_path, text, message):
 
 def test_missing_params_file_is_an_error(tmp_path):
     one_line_error(dmg("train", "--params", tmp_path / "nope.yaml", ok=False), "not found")
+
+
+@pytest.mark.parametrize("args", [["train", "--target", "rot0"], ["report"], ["download"], ["check"]])
+def test_outside_a_project_nothing_is_written(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(dmg(*args, ok=False), f"params file params.yaml not found in {tmp_path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_builtin_defaults_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = dmg("report", "--params", "defaults", "--no-figures")
+    assert "wrote reports/digits/ (params defaults)" in result.stderr
+    assert (tmp_path / "reports/digits/tables.txt").exists()
+
+
+def test_a_finished_run_is_replaced_only_with_force(workdir):
+    folder = workdir / "data/runs/digits/convnet/aggregate/rot0/seed0"
+    dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "1")
+    run = (folder / "run.json").read_text()
+    result = dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "2", ok=False)
+    one_line_error(result, f"{folder.relative_to(workdir)} holds a finished run (run.json); --resume continues it, "
+                           "--force replaces it")
+    assert (folder / "run.json").read_text() == run and len((folder / "log.csv").read_text().splitlines()) == 2
+    dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "2", "--resume")  # one more epoch
+    assert json.loads((folder / "run.json").read_text())["protocol"]["epochs_run"] == 2
+    dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "1", "--force")
+    assert len((folder / "log.csv").read_text().splitlines()) == 2  # trained afresh: one epoch
+
+
+def test_unfinished_runs_are_evaluated_only_when_asked_and_marked(workdir):
+    folder = workdir / "run"
+    dmg("train", "--target", "rot30", "--method", "dmg", "--epochs", "2", "--out", folder)
+    (folder / "run.json").unlink()  # what a run killed before its end leaves: run.json is written last
+    metrics = workdir / "metrics/digits/convnet/dmg/rot30/seed0.json"
+    result = dmg("evaluate", "--target", "rot30", "--method", "dmg", "--run", folder, ok=False)
+    one_line_error(result, "holds an unfinished run (no run.json: stopped or still training); finish it with "
+                           f"`dmg train --dataset digits --target rot30 --backbone convnet --method dmg --seed 0 "
+                           f"--out {folder} --epochs 2 --resume`, or pass --allow-unfinished")
+    assert not metrics.exists()
+    out = dmg("evaluate", "--target", "rot30", "--method", "dmg", "--run", folder, "--allow-unfinished").output
+    assert "(unfinished run)" in out
+    details = json.loads(details_path(metrics).read_text())
+    assert details["finished"] is False and details["protocol"]["epochs_run"] == 2
+    text = dmg("report", "--no-figures").output
+    assert "[a] unfinished run (seed 0: 2 of 2 epochs); 2 of 48 epochs (vs the defaults)" in text
+
+
+def test_metrics_headline_is_small_and_the_protocol_is_recorded(workdir):
+    dmg("train", "--target", "rot45", "--method", "dmg", "--epochs", "2", "--batch-size", "32")
+    dmg("evaluate", "--target", "rot45", "--method", "dmg")
+    path = workdir / "metrics/digits/convnet/dmg/rot45/seed0.json"
+    headline = json.loads(path.read_text())
+    assert list(headline) == ["out_of_domain", "in_domain", "in_domain_known_domain", "best_epoch"]
+    details = json.loads(details_path(path).read_text())
+    assert headline["out_of_domain"] == details["out_of_domain"]["accuracy"] and headline["best_epoch"] in (1, 2)
+    protocol = details["protocol"]
+    assert protocol["pretrained"] is False and protocol["weights"] is None
+    assert (protocol["epochs"], protocol["schedule_epochs"], protocol["epochs_run"]) == (2, 48, 2)
+    assert (protocol["batch_size"], protocol["image_size"], protocol["crop"]) == (32, 16, None)
+    assert (protocol["overlap_lambda"], protocol["lr"], protocol["mask_lr"]) == (0.1, 1e-3, 1e-2)
+    assert protocol["augmentation"] == "none" and protocol["precision"] == "fp32"
+    assert protocol["selection"] == "best mean source-validation accuracy" and protocol["dmg_version"] == "0.1.0"
+    text = dmg("report", "--no-figures").output
+    assert "[a] 2 of 48 epochs; batch 32 (not 64) (vs the defaults)" in text
+
+
+def test_check_names_the_bad_matrix_entry(workdir):
+    write_params(workdir, matrix={"targets": ["rot0", "rot31"]})
+    one_line_error(dmg("check", ok=False), "params: matrix.targets: unknown domain 'rot31' for dataset digits")
+    write_params(workdir, report={"sweep": {"targets": ["sketch"]}})
+    one_line_error(dmg("check", ok=False), "params: report.sweep: unknown domain 'sketch' for dataset digits")
+    write_params(workdir, matrix={"methods": ["dmg", "erm"]})
+    one_line_error(dmg("check", ok=False), "params: matrix.methods has unknown 'erm'; valid: ")
+    write_params(workdir)
+    assert "ok: digits, 18 runs" in dmg("check").output
+    assert (workdir / "data/params.checked").exists()
+
+
+def test_bad_flags_and_the_report_need_no_torch(workdir):
+    """Arguments are checked before torch loads, and the report does not load it at all."""
+    code = ("import sys; from typer.testing import CliRunner; from dmgcli.cli import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
+    for args, expected in ((["train", "--batch-size", "-3"], "1 False"), (["report", "--no-figures"], "0 False"),
+                           (["report", "--table", "2"], "0 False")):
+        result = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                                env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120)
+        assert result.stdout.split()[-2:] == expected.split(), (args, result.stdout, result.stderr)
+
+
+def test_help_has_no_type_labels_and_whole_defaults():
+    text = dmg("train", "--help").output
+    assert "<bool>" not in text and "--pretrained / --scratch" in text
+    assert "data/runs/<dataset>/<backbone>" in text.replace("\n", "").replace(" ", "")
+    assert "benchmarks/results/local" in dmg("bench", "--help").output.replace("\n", "").replace(" ", "")
+
+
+def test_bench_and_dvc_plots_outputs_are_ignored_by_git():
+    for path in ("benchmarks/results/local/bench.json", "dvc_plots/index.html", "scratch/run/best.pt"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
 def test_params_yaml_in_repo_loads_and_matches_defaults():

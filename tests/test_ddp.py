@@ -130,7 +130,9 @@ def test_torchrun_train_and_evaluate_match_a_single_process(digits_dir, tmp_path
     run(torchrun + ["evaluate", *common, "--run-dir", str(folder), "--out", str(tmp_path / "ddp.json")])
     run([sys.executable, "-m", "dmgcli.cli", "evaluate", *common, "--run", str(folder),
          "--out", str(tmp_path / "single.json")])
-    ddp, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ddp", "single"))
-    assert ddp == single
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.json", "run", "single.json"]
+    for suffix in (".json", ".details.json"):  # the headline and the details
+        ddp, single = (json.loads((tmp_path / f"{n}{suffix}").read_text()) for n in ("ddp", "single"))
+        assert ddp == single
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.details.json", "ddp.json", "run", "single.details.json",
+                                                          "single.json"]
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "log.csv", "run.json"]

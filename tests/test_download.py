@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from dmgcli import fetch
 from dmgcli.cli import app
 from dmgcli.errors import DmgError
 from dmgcli.fetch import Manifest, download_url, safe_extract
@@ -173,6 +174,23 @@ def test_google_drive_failure_says_what_to_fetch(tmp_path, monkeypatch):
     assert str(tmp_path / "raw" / "pacs" / "downloads" / "pacs.zip") in message
 
 
+def test_offline_drive_download_is_one_quiet_try_and_leaves_no_folders(tmp_path, monkeypatch):
+    import gdown
+
+    calls = []
+
+    def offline(**kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("Failed to resolve 'drive.google.com'")
+
+    monkeypatch.setattr(gdown, "download", offline)
+    monkeypatch.setattr(fetch, "host_resolves", lambda host: False)
+    with pytest.raises(DmgError, match="host not found: offline?"):
+        download("pacs", tmp_path / "data", DownloadParams(retries=3))
+    assert [(c["quiet"], c["retries"]) for c in calls] == [(True, 0)]  # no retry lines before the error
+    assert not (tmp_path / "data").exists()  # not even an empty data/raw/pacs
+
+
 def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
     import gdown
 
@@ -184,6 +202,7 @@ def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
         return kwargs["output"]
 
     monkeypatch.setattr(gdown, "download", fake)
+    monkeypatch.setattr(fetch, "host_resolves", lambda host: True)  # online, as far as the retries go
     link = "https://drive.google.com/uc?id=MIRROR_ID"
     raw = download("pacs", tmp_path, DownloadParams(source=link, retries=2))
     assert calls[0]["url"] == link and calls[0]["resume"] and calls[0]["retries"] == 2

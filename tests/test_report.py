@@ -20,6 +20,7 @@ from dmgcli.cli import app
 from dmgcli.datasets import get_dataset
 from dmgcli.errors import DmgError
 from dmgcli.params import MatrixParams, SweepParams
+from dmgcli.results import details_path
 from stages import plots, report, sweep
 
 HERE = Path(__file__).parent
@@ -159,7 +160,12 @@ def test_machine_formats_parse(in_fixtures):
     doc = report.paper_document(2, "metrics", SEEDS)
     data = json.loads(report.render(doc, "json"))
     row = next(r for r in data["tables"][0]["rows"] if r["backbone"] == "resnet18" and r["method"] == "dmg")
-    assert row["cells"]["sketch"]["ours"]["mean"] == 74.1 and row["cells"]["sketch"]["diff"] == -1.11
+    sketch = row["cells"]["sketch"]  # fixture: from scratch, 30 epochs, 128 px: no diff across protocols
+    assert sketch["ours"]["mean"] == 74.1 and sketch["diff"] is None
+    assert data["notes"][sketch["mark"]] == "from scratch; 30 of 150 epochs; stored at 128 px (vs the paper's protocol)"
+    table1 = json.loads(report.render(report.paper_document(1, "metrics", SEEDS), "json"))
+    row = next(r for r in table1["tables"][0]["rows"] if r["backbone"] == "alexnet" and r["method"] == "dmg")
+    assert row["cells"]["clipart"]["diff"] == -0.07 and row["cells"]["clipart"]["mark"] is None
     lines = report.render(doc, "csv").splitlines()
     assert len(lines) == 1 + 21 * 5  # header + (rows x (4 targets + overall))
     latex = report.render(report.paper_document(1, "metrics", SEEDS), "latex")
@@ -178,7 +184,9 @@ def test_unknown_table_and_format_are_errors():
 
 def test_partial_and_misplaced_files_are_skipped_by_name(metrics):
     truncated = metrics / "pacs/resnet18/dmg/photo/seed0.json"
-    truncated.write_text(truncated.read_text()[:200])
+    details_path(truncated).write_text(details_path(truncated).read_text()[:200])
+    headline_only = metrics / "pacs/resnet18/dmg/cartoon/seed0.json"
+    details_path(headline_only).unlink()
     no_accuracy = metrics / "pacs/alexnet/aggregate/sketch/seed0.json"
     data = json.loads(no_accuracy.read_text())
     del data["out_of_domain"]
@@ -188,7 +196,8 @@ def test_partial_and_misplaced_files_are_skipped_by_name(metrics):
     runs = report.load_runs(metrics, "pacs")
     assert runs.skipped == [f"{no_accuracy}: missing out_of_domain.accuracy", f"{stray}: not at "
                             "<backbone>/<method>/<target>/seed<N>.json",
-                            f"{truncated}: not valid JSON (truncated or partly written?)"]
+                            f"{headline_only}: headline only: seed0.details.json is missing beside it",
+                            f"{truncated}: seed0.details.json: not valid JSON (truncated or partly written?)"]
     table = report.fill(report.paper_table(2), runs, (0,))
     assert cell(table, "DMG (Ours)", "resnet18", "photo").ours is None
     assert cell(table, "DMG (Ours)", "resnet18", "sketch").ours.mean == pytest.approx(74.1)
@@ -200,8 +209,11 @@ def test_a_missing_metrics_folder_gives_empty_cells(tmp_path):
 
 
 def _move(src: Path, dst: Path) -> None:
+    """Copy a metrics file (and its details file, when it has one) to another place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dst)
+    if details_path(src).exists():
+        shutil.copy(details_path(src), details_path(dst))
 
 
 @pytest.mark.parametrize("what, message", [
@@ -221,12 +233,62 @@ def test_mismatched_settings_in_one_cell_are_refused(metrics, what, message):
     elif what == "seed":
         _move(good, metrics / "digits/convnet/dmg/rot0/seed5.json")
     else:
-        other = metrics / "digits/convnet/dmg/rot0/seed1.json"
+        other = details_path(metrics / "digits/convnet/dmg/rot0/seed1.json")
         data = json.loads(other.read_text())
         data["sources"] = data["sources"][:-1]
         other.write_text(json.dumps(data))
     with pytest.raises(DmgError, match=message):
         report.load_runs(metrics, dataset)
+
+
+def _set_protocol(headline: Path, **changes) -> None:
+    details = details_path(headline)
+    data = json.loads(details.read_text())
+    data["protocol"].update(changes)
+    details.write_text(json.dumps(data))
+
+
+def test_seeds_under_different_protocols_are_refused_naming_the_keys(metrics):
+    _set_protocol(metrics / "digits/convnet/dmg/rot0/seed1.json", epochs=2, batch_size=32)
+    with pytest.raises(DmgError, match=r"different protocols \(epochs 2 vs 48, batch_size 32 vs 64\)"):
+        report.load_runs(metrics, "digits")
+
+
+def test_a_scratch_run_and_a_pretrained_run_of_one_cell_are_reported_differently(metrics):
+    sketch = metrics / "pacs/resnet18/dmg/sketch/seed0.json"
+    scratch = cell(report.paper_document(2, metrics, (0,)).tables[0], "DMG (Ours)", "resnet18", "sketch")
+    assert scratch.marks == ("from scratch; 30 of 150 epochs; stored at 128 px (vs the paper's protocol)",)
+    assert scratch.diff is None and scratch.ours.mean == pytest.approx(74.1)
+    _set_protocol(sketch, pretrained=True, weights="imagenet (torchvision)", epochs=150, image_size=256)
+    table = report.paper_document(2, metrics, (0,)).tables[0]
+    paper_protocol = cell(table, "DMG (Ours)", "resnet18", "sketch")
+    assert paper_protocol.marks == () and paper_protocol.diff == pytest.approx(74.1 - 75.21)
+    overall = cell(table, "DMG (Ours)", "resnet18", "overall")  # the other three targets are still from scratch
+    assert overall.diff is None and "from scratch" in overall.note
+    text = report.render(report.paper_document(2, metrics, (0,)), "text")
+    assert "74.10 [" not in text and "-1.11" in text
+
+
+def test_old_metrics_unfinished_runs_and_other_lambda_are_marked(in_fixtures, metrics):
+    table = report.paper_document(2, "metrics", SEEDS).tables[0]
+    assert cell(table, "Aggregate*", "alexnet", "sketch").marks == ("protocol unknown (seed 0)",)
+    ood = report.default_document("digits", MATRIX, "metrics").tables[0]
+    assert cell(ood, "DMG", "convnet", "rot30").marks == ("unfinished run (seed 0: 2 of 48 epochs)",)
+    assert cell(ood, "DMG", "convnet", "rot0").marks == ()  # the digits defaults
+    for seed in (0, 1):
+        _set_protocol(metrics / f"digits/convnet/dmg/rot0/seed{seed}.json", overlap_lambda=0.5)
+    ood = report.default_document("digits", MATRIX, metrics).tables[0]
+    assert cell(ood, "DMG", "convnet", "rot0").marks == ("lambda_O 0.5 (not 0.1) (vs the defaults)",)
+
+
+def test_marks_appear_in_every_format(in_fixtures):
+    doc = report.paper_document(2, "metrics", SEEDS)
+    note = "from scratch; 30 of 150 epochs; stored at 128 px (vs the paper's protocol)"
+    assert "74.10 [b]" in report.render(doc, "text") and f"[b] {note}" in report.render(doc, "text")
+    assert "74.10 [b]" in report.render(doc, "markdown") and f"- [b] {note}" in report.render(doc, "markdown")
+    assert "74.10 [b]" in report.render(doc, "latex") and f"% [b] {note}" in report.render(doc, "latex")
+    rows = [line for line in report.render(doc, "csv").splitlines() if ",resnet18,DMG (Ours),dmg,average,sketch," in line]
+    assert len(rows) == 1 and f",,b,{note}," in rows[0]  # no diff, the mark and its note
 
 
 # ----------------------------------------------------------------------------- figures and summary
@@ -270,7 +332,7 @@ def test_paper_datasets_also_get_the_paper_tables(tmp_path):
 
 
 def test_keep_probability_plot_without_histogram_draws_bars(tmp_path):
-    data = json.loads((FIXTURES / "metrics/digits/convnet/dmg/rot0/seed0.json").read_text())
+    data = json.loads((FIXTURES / "metrics/digits/convnet/dmg/rot0/seed0.details.json").read_text())
     del data["masks"]["keep_probability_histogram"]
     plots.plot_keep(data["masks"], data["sources"], tmp_path / "keep", "bars")
     assert _is_png(tmp_path / "keep.png") and _is_svg(tmp_path / "keep.svg")
@@ -281,9 +343,9 @@ def test_unreadable_inputs_are_listed_not_fatal(tmp_path, metrics):
     log.parent.mkdir(parents=True)
     log.write_text("epoch,loss\n")
     record = metrics / "digits/convnet/dmg/rot0/seed0.json"
-    data = json.loads(record.read_text())
+    data = json.loads(details_path(record).read_text())
     del data["masks"]["iou"]
-    record.write_text(json.dumps(data))
+    details_path(record).write_text(json.dumps(data))
     figures = plots.draw_report_figures("digits", report.load_runs(metrics, "digits"), tmp_path / "data",
                                         tmp_path / "out")
     assert any(str(log) in p for p in figures.problems)
@@ -317,12 +379,16 @@ def test_sweep_settings_are_checked():
 def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
     """Download, preprocess, sweep all five lambda_O for one epoch each, then report it (about a minute)."""
     monkeypatch.chdir(tmp_path)
+    # the schedule's epochs, not --epochs: the summary must say how many that was (it said "None")
     (tmp_path / "params.yaml").write_text("dataset: digits\ndata_dir: data\nmatrix:\n  targets: [rot0]\n"
-                                          "  methods: [dmg]\n  seeds: [0]\n")
-    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep", "--epochs", "1"]):
+                                          "  methods: [dmg]\n  seeds: [0]\n"
+                                          "train:\n  schedules:\n    digits: {epochs: 1, baseline_epochs: 1, lr: 1.0e-3, "
+                                          "mask_lr: 1.0e-2, weight_decay: 0.0, lr_schedule: constant}\n")
+    for args in (["download", "digits"], ["preprocess", "digits"], ["sweep"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "data/sweeps/digits/sweep.json").read_text())
+    assert summary["epochs"] == 1
     assert [r["lambda"] for r in summary["summary"]] == [0.0, 0.01, 0.1, 0.5, 1.0]
     for row in summary["summary"]:
         assert 0 <= row["out_of_domain"]["mean"] <= 100 and 0 <= row["mean_iou"]["mean"] <= 1
@@ -334,7 +400,14 @@ def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
     result = runner.invoke(app, ["report"])
     assert result.exit_code == 0, result.output
     assert _is_png(tmp_path / "reports/digits/figures/lambda_sweep.png")
-    assert "λ_O sweep" in (tmp_path / "reports/digits/index.md").read_text()
+    index = (tmp_path / "reports/digits/index.md").read_text()
+    assert "λ_O sweep" in index and "1 epochs; one seed" in index and "None" not in index
+
+
+def test_old_sweep_summaries_without_epochs_say_the_schedule():
+    summary = json.loads((FIXTURES / "data/sweeps/digits/sweep.json").read_text())
+    summary["epochs"] = None
+    assert "targets rot0, the schedule's epochs; mean ± std over 2 seeds" in sweep.summary_markdown(summary)
 
 
 # ----------------------------------------------------------------------------- command line

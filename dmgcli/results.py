@@ -1,0 +1,295 @@
+"""Reading results without torch: metrics files, run protocols, the paper's data, the sweep summary.
+
+The report, its figures and the sweep share this module, so `dmg report` neither imports
+torch nor the training stages, and no stage module imports another in a circle.
+
+evaluate writes two files per run (stages/evaluate.py):
+  metrics/<dataset>/<backbone>/<method>/<target>/seed<N>.json          headline (DVC metrics)
+  metrics/<dataset>/<backbone>/<method>/<target>/seed<N>.details.json  everything: identity,
+      per-domain accuracies, masks, and the run's protocol
+Metrics files written before the split hold everything in seed<N>.json; they are still read.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import DmgError
+from .params import PreprocessParams, TrainParams
+
+# ----------------------------------------------------------------------------- file names
+
+
+def metrics_path(metrics_dir: str | Path, dataset: str, backbone: str, method: str, target: str, seed: int) -> Path:
+    return Path(metrics_dir) / dataset / backbone / method / target / f"seed{seed}.json"
+
+
+def details_path(headline: str | Path) -> Path:
+    """seed0.json -> seed0.details.json: where the full metrics of a headline file lie."""
+    headline = Path(headline)
+    return headline.with_name(headline.stem + ".details.json")
+
+
+def headline(details: dict) -> dict:
+    """The few numbers `dvc metrics show` prints for one run (accuracies in %)."""
+    in_domain = details["in_domain"]
+    numbers = {"out_of_domain": details["out_of_domain"]["accuracy"], "in_domain": in_domain["average"]["mean"]}
+    if "known_domain" in in_domain:  # DMG-KnownDomain, or Multi-Headed's own head
+        numbers["in_domain_known_domain"] = in_domain["known_domain"]["mean"]
+    numbers["best_epoch"] = details["selection"]["best_epoch"]
+    return numbers
+
+
+def sweep_dir(data_dir: str | Path, dataset: str) -> Path:
+    return Path(data_dir) / "sweeps" / dataset
+
+
+def summary_path(data_dir: str | Path, dataset: str) -> Path:
+    """Where `dmg sweep` leaves its summary; the report stage reads it from there."""
+    return sweep_dir(data_dir, dataset) / "sweep.json"
+
+
+# ----------------------------------------------------------------------------- protocols
+
+# The protocol keys that must agree between the seeds of one table cell. Not compared:
+# epochs_run (an unfinished run is marked instead), schedule_epochs, dmg_version, git_commit.
+PROTOCOL_KEYS = ("pretrained", "weights", "epochs", "batch_size", "image_size", "crop", "overlap_lambda", "lr",
+                 "mask_lr", "augmentation", "precision", "selection")
+
+
+def paper_data() -> dict:
+    """dmgcli/paper_tables.json: the paper's Tables 1-3, its protocols, and where they come from."""
+    return json.loads(resources.files("dmgcli").joinpath("paper_tables.json").read_text(encoding="utf-8"))
+
+
+def reference_protocol(dataset: str, method: str) -> tuple[str, dict]:
+    """(what it is, the protocol) a run of `method` on `dataset` is compared with: the paper's
+    for PACS and DomainNet; for digits, which the paper does not have, this project's defaults."""
+    paper = paper_data()["protocols"]
+    if dataset in paper:
+        ref = paper[dataset]
+        return "the paper's protocol", {**ref, "epochs": ref["epochs"][method]}
+    train, prep = TrainParams(), PreprocessParams()
+    return "the defaults", {"pretrained": train.pretrained, "epochs": None, "batch_size": train.batch_size,
+                            "image_size": prep.digits_size, "crop": None, "overlap_lambda": train.overlap_lambda}
+
+
+def protocol_differences(protocol: dict, reference: dict, method: str) -> list[str]:
+    """How a run's protocol differs from the reference, in words ("from scratch; 30 of 150 epochs").
+
+    reference["epochs"] None: compare with the dataset schedule's epochs the run recorded.
+    """
+    parts = []
+    if protocol["pretrained"] != reference["pretrained"]:
+        parts.append("from scratch" if not protocol["pretrained"] else "ImageNet-pretrained")
+    epochs = reference["epochs"] if reference["epochs"] is not None else protocol["schedule_epochs"]
+    if protocol["epochs"] != epochs:
+        parts.append(f"{protocol['epochs']} of {epochs} epochs")
+    if protocol["batch_size"] != reference["batch_size"]:
+        parts.append(f"batch {protocol['batch_size']} (not {reference['batch_size']})")
+    if protocol["image_size"] != reference["image_size"]:
+        parts.append(f"stored at {protocol['image_size']} px")
+    if protocol["crop"] != reference["crop"]:
+        parts.append(f"{protocol['crop']} px crops" if protocol["crop"] else "no crops")
+    if method == "dmg" and protocol["overlap_lambda"] != reference["overlap_lambda"]:
+        parts.append(f"lambda_O {protocol['overlap_lambda']:g} (not {reference['overlap_lambda']:g})")
+    return parts
+
+
+def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[str, ...]:
+    """What a reader must know about a cell's runs, in words; empty when they follow the reference."""
+    marks = []
+    unfinished = [(s, r.data.get("protocol")) for s, r in sorted(records.items()) if r.data.get("finished") is False]
+    if unfinished:
+        marks.append("unfinished run (" + ", ".join(
+            f"seed {s}: {p['epochs_run']} of {p['epochs']} epochs" if p else f"seed {s}" for s, p in unfinished) + ")")
+    unknown = [s for s, r in sorted(records.items()) if "protocol" not in r.data]
+    if unknown:
+        marks.append("protocol unknown (seed " + ", ".join(map(str, unknown)) + ")")
+    known = [r.data["protocol"] for r in records.values() if "protocol" in r.data]
+    if known:  # the seeds agree on the compared keys (check_cell)
+        what, reference = reference_protocol(dataset, method)
+        differences = protocol_differences(known[0], reference, method)
+        if differences:
+            marks.append("; ".join(differences) + f" (vs {what})")
+    return tuple(marks)
+
+
+# ----------------------------------------------------------------------------- metrics files
+
+@dataclass(frozen=True)
+class Record:
+    """One run's metrics: where they lie (the headline file) and what they hold (all of them)."""
+    path: Path
+    data: dict
+
+
+@dataclass
+class Runs:
+    """The metrics files of one dataset, by cell (backbone, method, target), then by seed."""
+    dataset: str
+    cells: dict[tuple[str, str, str], dict[int, Record]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # "path: why", files that could not be used
+
+    def get(self, backbone: str, method: str, target: str) -> dict[int, Record]:
+        return self.cells.get((backbone, method, target), {})
+
+
+def _number(data: dict, *keys: str) -> float:
+    """data[k1][k2]... as a float; KeyError/TypeError/ValueError when absent or not a number."""
+    for key in keys:
+        data = data[key]
+    if isinstance(data, bool) or not isinstance(data, (int, float)):
+        raise ValueError(f"{'.'.join(keys)} is not a number")
+    return float(data)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError:
+        raise ValueError("not valid JSON (truncated or partly written?)") from None
+
+
+def read_record(path: Path) -> dict:
+    """The full metrics of one run: seed<N>.details.json beside `path`, else `path` itself
+    (older files); ValueError naming what is wrong when unreadable or partial."""
+    details = details_path(path)
+    try:
+        data = _read_json(details if details.exists() else path)
+    except ValueError as exc:
+        raise ValueError(f"{details.name}: {exc}" if details.exists() else str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError("not a metrics object")
+    if "dataset" not in data and not details.exists():
+        raise ValueError(f"headline only: {details.name} is missing beside it")
+    for key, kind in (("dataset", str), ("backbone", str), ("method", str), ("target", str), ("seed", int),
+                      ("sources", list)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise ValueError(f"missing or malformed {key!r}")
+    for keys in (("out_of_domain", "accuracy"), ("in_domain", "average", "mean")):
+        try:
+            _number(data, *keys)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"missing {'.'.join(keys)}") from None
+    if "protocol" in data and (not isinstance(data["protocol"], dict)
+                               or not set(PROTOCOL_KEYS + ("schedule_epochs",)) <= set(data["protocol"])):
+        raise ValueError("malformed protocol")
+    return data
+
+
+def check_cell(record: Record, dataset: str, cell: tuple[str, str, str], seed: int, seeds: dict[int, Record]) -> None:
+    """Refuse a file whose settings differ from its cell's: another dataset, backbone, method,
+    target or seed than its folder says, or other source domains or another protocol than the
+    cell's other seeds."""
+    expected = {"dataset": dataset, "backbone": cell[0], "method": cell[1], "target": cell[2], "seed": seed}
+    for key, value in expected.items():
+        if record.data[key] != value:
+            raise DmgError(f"{record.path} holds metrics for {key}={record.data[key]!r} but lies in the folder of "
+                           f"{key}={value!r}; one cell would mix settings. Move or delete that file.")
+    for other in seeds.values():
+        if other.data["sources"] != record.data["sources"]:
+            raise DmgError(f"{record.path} and {other.path} are seeds of one cell ({' '.join(cell)}) but were trained "
+                           f"on different source domains ({', '.join(record.data['sources'])} vs "
+                           f"{', '.join(other.data['sources'])}). Delete the stale one and re-run evaluate.")
+        mine, theirs = record.data.get("protocol"), other.data.get("protocol")
+        if mine and theirs:
+            keys = [k for k in PROTOCOL_KEYS if mine[k] != theirs[k]]
+            if keys:
+                differ = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in keys)
+                raise DmgError(f"{record.path} and {other.path} are seeds of one cell ({' '.join(cell)}) but were run "
+                               f"under different protocols ({differ}). Re-run one like the other, or delete it.")
+
+
+SEED_FILE = re.compile(r"seed(\d+)\.json")
+DETAILS_FILE = re.compile(r"seed(\d+)\.details\.json")
+
+
+def load_runs(metrics_dir: str | Path, dataset: str) -> Runs:
+    """All metrics files of a dataset. Unreadable, partial or misplaced files are listed in
+    `skipped`; files that contradict their cell raise DmgError."""
+    root = Path(metrics_dir) / dataset
+    runs = Runs(dataset)
+    for path in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        parts = path.relative_to(root).parts
+        details = DETAILS_FILE.fullmatch(parts[-1])
+        if details and len(parts) == 4 and path.with_name(f"seed{details.group(1)}.json").exists():
+            continue  # read with its headline file
+        match = SEED_FILE.fullmatch(parts[-1])
+        if len(parts) != 4 or not match:
+            runs.skipped.append(f"{path}: not at <backbone>/<method>/<target>/seed<N>.json")
+            continue
+        try:
+            record = Record(path, read_record(path))
+        except ValueError as exc:
+            runs.skipped.append(f"{path}: {exc}")
+            continue
+        cell, seed = (parts[0], parts[1], parts[2]), int(match.group(1))
+        seeds = runs.cells.setdefault(cell, {})
+        check_cell(record, dataset, cell, seed, seeds)
+        seeds[seed] = record
+    return runs
+
+
+def metric(data: dict, kind: str, mode: str) -> float | None:
+    """The number one metrics file gives a table: out-of-domain accuracy, or the mean
+    in-domain accuracy in `mode`; None when the file has no such mode."""
+    try:
+        if kind == "out_of_domain":
+            return _number(data, "out_of_domain", "accuracy")
+        return _number(data, "in_domain", mode, "mean")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Our number in one cell: mean and sample std over seeds."""
+    mean: float
+    std: float  # 0.0 for one seed
+    n: int
+    seeds: tuple[int, ...]
+
+
+def stat(values: dict[int, float]) -> Stat | None:
+    if not values:
+        return None
+    seeds = tuple(sorted(values))
+    vals = [values[s] for s in seeds]
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals), seeds)
+
+
+# ----------------------------------------------------------------------------- the lambda_O sweep
+
+SWEEP_MEASURES = ("out_of_domain", "in_domain", "in_domain_known", "mean_iou")
+
+
+def summary_markdown(summary: dict) -> str:
+    """The sweep's per-lambda_O numbers as a Markdown table."""
+    n = len(summary["seeds"])
+    lines = [f"{summary['dataset']} {summary['backbone']}, targets {', '.join(summary['targets'])}, "
+             f"{sweep_epochs(summary)}; " + (f"mean ± std over {n} seeds" if n > 1 else "one seed")
+             + ", each the mean over targets.", "",
+             "| λ_O | out-of-domain (%) | in-domain (%) | in-domain, known domain (%) | mean pairwise IoU |",
+             "|---:|---:|---:|---:|---:|"]
+    for row in summary["summary"]:
+        cells = [_mean_std(row[k], digits=3 if k == "mean_iou" else 2) for k in SWEEP_MEASURES]
+        lines.append(f"| {row['lambda']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_epochs(summary: dict) -> str:
+    """"48 epochs"; summaries written before the epochs were resolved hold null."""
+    return f"{summary['epochs']} epochs" if summary.get("epochs") else "the schedule's epochs"
+
+
+def _mean_std(value: dict, digits: int) -> str:
+    """mean, with +- std when there is more than one seed."""
+    text = f"{value['mean']:.{digits}f}"
+    return text + (f" ± {value['std']:.{digits}f}" if value["n"] > 1 else "")
