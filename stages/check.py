@@ -58,7 +58,7 @@ def check(params: Params) -> str:
     schedule = params.train.schedules.get(info.name)
     if schedule is None:
         raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
-    make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr), schedule)
+    make_scheduler([torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)], schedule)
     if params.train.precision not in PRECISIONS:
         raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, got {params.train.precision!r}")
     if params.train.backbone not in BACKBONES:  # the sweep trains train.backbone

@@ -194,7 +194,7 @@ def test_unfinished_runs_are_evaluated_only_when_asked_and_marked(workdir):
     details = json.loads(details_path(metrics).read_text())
     assert details["finished"] is False and details["protocol"]["epochs_run"] == 2
     text = dmg("report", "--no-figures").output
-    assert "[a] unfinished run (seed 0: 2 of 2 epochs); 2 of 48 epochs (vs the defaults)" in text
+    assert "[a] unfinished run (seed 0: 2 of 2 epochs); 2 of 96 epochs (vs the defaults)" in text
 
 
 def test_metrics_headline_is_small_and_the_protocol_is_recorded(workdir):
@@ -207,13 +207,13 @@ def test_metrics_headline_is_small_and_the_protocol_is_recorded(workdir):
     assert headline["out_of_domain"] == details["out_of_domain"]["accuracy"] and headline["best_epoch"] in (1, 2)
     protocol = details["protocol"]
     assert protocol["pretrained"] is False and protocol["weights"] is None
-    assert (protocol["epochs"], protocol["schedule_epochs"], protocol["epochs_run"]) == (2, 48, 2)
+    assert (protocol["epochs"], protocol["schedule_epochs"], protocol["epochs_run"]) == (2, 96, 2)
     assert (protocol["batch_size"], protocol["image_size"], protocol["crop"]) == (32, 16, None)
     assert (protocol["overlap_lambda"], protocol["lr"], protocol["mask_lr"]) == (0.1, 1e-3, 1e-2)
     assert protocol["augmentation"] == "none" and protocol["precision"] == "fp32"
     assert protocol["selection"] == "best mean source-validation accuracy" and protocol["dmg_version"] == "0.1.0"
     text = dmg("report", "--no-figures").output
-    assert "[a] 2 of 48 epochs; batch 32 (not 64) (vs the defaults)" in text
+    assert "[a] 2 of 96 epochs; batch 32 (not 64) (vs the defaults)" in text
 
 
 def test_check_names_the_bad_matrix_entry(workdir):
