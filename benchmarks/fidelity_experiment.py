@@ -232,6 +232,12 @@ def main() -> None:
     ap.add_argument("--include", nargs="*", type=Path, default=[], help="with --markdown: runs of more files")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.markdown:  # tables only: no dataset needed
+        results = json.loads(args.out.read_text())["runs"]
+        for extra in args.include:
+            results += json.loads(extra.read_text())["runs"]
+        print(markdown([r for r in results if not args.variants or r["variant"] in args.variants]))
+        return
     params = load_params(args.params)
     if args.crop:
         aug.CROP = args.crop  # the augmentations read it at call time
@@ -241,11 +247,6 @@ def main() -> None:
     targets = args.targets or list(read_info(h5).domains)
     chosen = {k: v for k, v in variants(schedule).items() if not args.variants or k in args.variants}
     results = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
-    if args.markdown:
-        for extra in args.include:
-            results += json.loads(extra.read_text())["runs"]
-        print(markdown([r for r in results if not args.variants or r["variant"] in args.variants]))
-        return
     done = {(r["variant"], r["target"], r["seed"]) for r in results}
     for seed in args.seeds:
         for target in targets:
