@@ -105,6 +105,9 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
             metrics["protocol"] = state["protocol"]
         path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
                                                   train_params.seed)
+        for target in (details_path(path), path):  # both files or neither
+            if target.is_dir():
+                raise DmgError(f"cannot write {target}: a folder of that name is in the way")
         if proc.is_main:
             write_json(details_path(path), metrics)
             write_json(path, headline(metrics))

@@ -65,7 +65,7 @@ def test_folder_dataset_runs_download_to_report_through_the_cli(project):
             "--params", params)
         out = dmg("evaluate", "--target", "hospital_a", "--method", method, "--params", params).output
         assert "mydata convnet" in out and "out-of-domain" in out
-    metrics = json.loads((project / "metrics/mydata/convnet/dmg/hospital_a/seed0.json").read_text())
+    metrics = json.loads((project / "metrics/mydata/convnet/dmg/hospital_a/seed0.details.json").read_text())
     assert metrics["in_domain_split"] == "test" and 0 <= metrics["out_of_domain"]["accuracy"] <= 100
     table = dmg("report", "--dataset", "mydata", "--no-figures", "--params", params).output
     assert "Aggregate" in table and "DMG" in table and "hospital_a" in table

@@ -9,7 +9,6 @@ import numpy as np
 
 from ..errors import DmgError
 from ..fileio import atomic_path, write_json
-from ..h5data import FileInfo, write_split, writing
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, report_path
 
@@ -62,6 +61,8 @@ class Digits(DatasetInfo):
         order = np.random.default_rng(params.seed).permutation(len(labels))
         shares = np.array_split(order, len(DIGITS_ANGLES))
         size = params.digits_size
+        from ..h5data import FileInfo, write_split, writing  # h5data imports torch: not at CLI start
+
         file_info = FileInfo(dataset="digits", encoding="raw", height=size, width=size, channels=1,
                              classes=tuple(str(c) for c in range(10)), domains=self.domains,
                              provenance={"source": "sklearn.datasets.load_digits", "seed": params.seed,
