@@ -1,4 +1,5 @@
 """Shared fixtures: a prepared copy of the embedded digits dataset in a temporary folder."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,13 @@ def digits_dir(tmp_path_factory) -> Path:
     download("digits", params.data_dir, params.download)
     preprocess("digits", params.data_dir, params.preprocess)
     return folder
+
+
+@pytest.fixture
+def workdir(digits_dir, tmp_path, monkeypatch):
+    """A fresh folder sharing the prepared digits file; metrics and reports land in it."""
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    shutil.copy(digits_dir / "data" / "prepared" / "digits.h5", tmp_path / "data" / "prepared")
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

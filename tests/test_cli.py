@@ -1,6 +1,5 @@
 """The CLI on temporary folders: the digits pipeline, repeatability, resume, and bad input."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -29,16 +28,6 @@ def one_line_error(result, pattern: str):
     lines = [l for l in message.strip().splitlines() if l]
     assert len(lines) == 1 and "Traceback" not in message, message
     assert pattern in lines[0], lines[0]
-
-
-@pytest.fixture
-def workdir(digits_dir, tmp_path, monkeypatch):
-    """A fresh folder sharing the prepared digits file; metrics and reports land in it."""
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
-    shutil.copy(digits_dir / "data" / "prepared" / "digits.h5", tmp_path / "data" / "prepared")
-    write_params(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_help_lists_every_stage():

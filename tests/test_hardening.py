@@ -46,16 +46,6 @@ def assert_clean_failure(folder: Path, *args, pattern: str = "") -> str:
     return lines[0]
 
 
-@pytest.fixture
-def workdir(digits_dir, tmp_path, monkeypatch):
-    """A fresh folder with params.yaml and a copy of the prepared digits file."""
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
-    shutil.copy(digits_dir / "data" / "prepared" / "digits.h5", tmp_path / "data" / "prepared")
-    write_params(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 # --------------------------------------------------------------------------- params files
 
 def nested(depth: int) -> str:
