@@ -12,6 +12,7 @@ Reference augmentations (REFERENCE.md, section 1):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,19 +105,27 @@ def color_jitter(x: torch.Tensor, strength: float = 0.4, hue: float = 0.4, gener
     return torch.bmm(transform, x.flatten(2)).view_as(x).clamp_(0, 1)  # hue
 
 
-def pacs_train(x, generator=None):
-    return color_jitter(random_resized_crop(to_float(x), CROP, generator=generator), generator=generator)
+def pacs_train(x, generator=None, size=None):
+    return color_jitter(random_resized_crop(to_float(x), size or CROP, generator=generator), generator=generator)
 
 
-def pacs_eval(x, generator=None):
-    return F.interpolate(to_float(x), size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)
+def pacs_eval(x, generator=None, size=None):
+    size = size or CROP
+    return F.interpolate(to_float(x), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def domainnet_train(x, generator=None):
-    return random_crop_flip(to_float(x), CROP, generator=generator)
+def domainnet_train(x, generator=None, size=None):
+    """The stored 256 px square resized in proportion (256 -> size * 256 / 224), then the
+    reference's random crop: at the default 224 no resize happens."""
+    size = size or CROP
+    x = to_float(x)
+    if size != CROP:
+        side = round(x.shape[-1] * size / CROP)
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return random_crop_flip(x, size, generator=generator)
 
 
-def identity(x, generator=None):
+def identity(x, generator=None, size=None):
     return to_float(x)
 
 
@@ -127,8 +136,15 @@ AUGMENTATIONS = {
 }
 
 
-def get_augmentation(name: str):
-    """(train_transform, eval_transform) for a dataset's augmentation name."""
+def get_augmentation(name: str, size: int | None = None):
+    """(train_transform, eval_transform) for a dataset's augmentation name; `size` is the side of
+    the images the network sees (train.image_size; None: CROP). Each takes (x, generator=None)."""
     if name not in AUGMENTATIONS:
         raise DmgError(f"unknown augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name]
+    if size is not None and name == "none":
+        raise DmgError("train.image_size applies to the pacs and domainnet augmentations; with augmentation none "
+                       "the network sees the stored images: set it to null")
+    train, evaluate = AUGMENTATIONS[name]
+    if size is None:
+        return train, evaluate
+    return functools.partial(train, size=size), functools.partial(evaluate, size=size)

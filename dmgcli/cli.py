@@ -160,6 +160,12 @@ def train(
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers reading JPEG files; default min(8, cores)."),
     resident: Optional[str] = typer.Option(None, help="Decode each split once and hold it on the device: auto (if it fits in half the free memory), always or never."),
+    image_size: Optional[int] = typer.Option(None, help="Side of the images the network sees (pacs/domainnet augmentations); default 224."),
+    frozen_trunk: Optional[bool] = typer.Option(None, "--frozen-trunk/--whole-network", help="Freeze the pretrained layers below the first mask point and train only those above (cached features: dmg features)."),
+    trunk_views: Optional[int] = typer.Option(None, help="Frozen trunk: fixed augmented views of each training image."),
+    trunk_cache: Optional[bool] = typer.Option(None, "--trunk-cache/--no-trunk-cache", help="Frozen trunk: read its output from the feature cache (built if missing) or compute it at every step."),
+    validation_mode: Optional[str] = typer.Option(None, help="Model selection on source validation: hard (DMG's reference rule), known_domain (own soft mask / own head) or average; default: the method's reference rule."),
+    schedule: Optional[str] = typer.Option(None, help="Entry of train.schedules to train with; default: the dataset's."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default data/runs/<dataset>/<backbone>/<method>/<target>/seed<seed>."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last.pt (a finished run too)."),
     force: bool = typer.Option(False, "--force", help="Replace a finished run in the run folder (refused without it)."),
@@ -175,7 +181,9 @@ def train(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
-        precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident)
+        precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident,
+        image_size=image_size, frozen_trunk=frozen_trunk, trunk_views=trunk_views, trunk_cache=trunk_cache,
+        validation_mode=validation_mode, schedule=schedule)
     from stages.train import train as run  # torch: only after the arguments are known to be good
 
     from .distributed import is_main_process
@@ -184,6 +192,28 @@ def train(
     if is_main_process():
         typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}, "
                    f"params {params_file}): {folder}")
+
+
+@app.command(short_help="Cache a frozen trunk's features: <data_dir>/features/<dataset>/.")
+@handle_errors
+def features(
+    dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
+    backbone: Optional[list[str]] = typer.Option(None, "--backbone", help="Backbone (repeat the flag); default: the matrix's backbones."),
+    image_size: Optional[int] = typer.Option(None, help="Side of the images the trunk sees; default train.image_size."),
+    trunk_views: Optional[int] = typer.Option(None, help="Augmented views of each training image; default train.trunk_views."),
+    params_file: Path = PARAMS_OPTION,
+):
+    """With train.frozen_trunk: the frozen trunk's output for every image and view, computed once,
+    in <data_dir>/features/<dataset>/<backbone>.h5 (rebuilt when the backbone, weights, image
+    size, views or dataset file change). Without it: only index.json, saying nothing is cached.
+    """
+    params = load(params_file)
+    train_params = override(params.train, image_size=image_size, trunk_views=trunk_views)
+    info = get_dataset(dataset or params.dataset)
+    from stages.features import features as run
+
+    index = run(info, params.data_dir, train_params, tuple(backbone) if backbone else params.matrix.backbones)
+    typer.echo(f"{info.name}: {index}")
 
 
 @app.command(short_help='Score a run in and out of domain: its metrics files.')

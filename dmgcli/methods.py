@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone, build_backbone, disable_dropout, new_head, split_at
+from .backbones import Backbone, build_backbone, disable_dropout, new_head, split_at, split_frozen
 from .core import DomainMasks, apply_mask
 from .errors import DmgError
 
@@ -40,6 +40,20 @@ class MethodConfig:
     mask_lr: float = 1e-4
     weight_decay: float = 0.0
     average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
+    head_init: str = "default"  # "default" (PyTorch's) or "normal" (N(0, 0.001)): see reference_head_init
+    frozen_trunk: bool = False  # layers below the first mask point frozen (eval mode), see Method.encode
+    image_size: int | None = None  # side of the input images (None: dmgcli.augment.CROP)
+    trunk_views: int = 1  # frozen_trunk: augmented views per training image (dmgcli/features.py)
+
+
+def reference_head_init(dataset: str, method: str, pretrained: bool) -> str:
+    """How the reference initialised a classifier head that replaces an ImageNet one: N(0, 0.001)
+    for DomainNet and for PACS Multi-Headed, PyTorch's default for PACS Aggregate and DMG
+    (`configs/PACS/{aggregate,supermask}_training.yml`: PARAM_INIT standard). Other datasets
+    follow PACS; from scratch every layer keeps PyTorch's default."""
+    if pretrained and (dataset == "domainnet" or method == "multihead"):
+        return "normal"
+    return "default"
 
 
 class Method(nn.Module):
@@ -53,6 +67,28 @@ class Method(nn.Module):
         self.load_weights = load_weights  # False: a checkpoint will supply every weight (evaluation)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.frozen = nn.Sequential()  # the frozen trunk (config.frozen_trunk); empty: x passes unchanged
+
+    def build_network(self) -> Backbone:
+        """The backbone to train. With config.frozen_trunk the layers below the first mask point
+        move into self.frozen (no gradients, always in eval mode) and the backbone keeps the rest."""
+        config = self.config
+        backbone = build_backbone(config.backbone, config.num_classes, config.pretrained, config.pretrained_path,
+                                  load_weights=self.load_weights, head_init=config.head_init)
+        if config.frozen_trunk:
+            self.frozen = split_frozen(backbone, config.mask_points or backbone.default_mask_points)
+        return backbone
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> what the trained layers take: the frozen trunk's output, or x itself when
+        nothing is frozen. objective() and predict() take encoded inputs."""
+        return self.frozen(x) if len(self.frozen) else x
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()  # frozen BatchNorm keeps ImageNet's statistics
+        return self
 
     def build_optimizers(self) -> None:
         """Adam on the network (the reference's defaults); DMG adds a second one for the masks."""
@@ -60,7 +96,7 @@ class Method(nn.Module):
                                             weight_decay=self.config.weight_decay)]
 
     def network_parameters(self):
-        return self.parameters()
+        return [p for p in self.parameters() if p.requires_grad]
 
     def objective(self, x, y, d) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -114,18 +150,13 @@ def build_method(name: str, config: MethodConfig, load_weights: bool = True) -> 
     return method
 
 
-def _backbone(config: MethodConfig, load_weights: bool) -> Backbone:
-    return build_backbone(config.backbone, config.num_classes, config.pretrained, config.pretrained_path,
-                          load_weights=load_weights)
-
-
 @register("aggregate")
 class Aggregate(Method):
     """One network trained on the shuffled union of all source domains."""
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
         super().__init__(config, load_weights)
-        self.net = nn.Sequential(*[m for _, m in _backbone(config, load_weights).layers])
+        self.net = nn.Sequential(*[m for _, m in self.build_network().layers])
 
     def objective(self, x, y, d):
         return F.cross_entropy(self.net(x), y), {}
@@ -148,10 +179,9 @@ class MultiHead(Method):
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
         super().__init__(config, load_weights)
-        backbone = _backbone(config, load_weights)
-        *body, (_, classifier) = backbone.layers
+        *body, (_, classifier) = self.build_network().layers
         self.trunk = nn.Sequential(*[m for _, m in body])
-        self.heads = nn.ModuleList(new_head(classifier.in_features, config.num_classes, config.pretrained)
+        self.heads = nn.ModuleList(new_head(classifier.in_features, config.num_classes, config.head_init)
                                    for _ in range(config.num_domains))
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -185,7 +215,7 @@ class DMG(Method):
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
         super().__init__(config, load_weights)
-        backbone = _backbone(config, load_weights)
+        backbone = self.build_network()
         disable_dropout(backbone)
         self.mask_points = config.mask_points or backbone.default_mask_points
         self.trunk, segments, units = split_at(backbone, self.mask_points)
@@ -193,7 +223,7 @@ class DMG(Method):
         self.masks = DomainMasks(units, config.num_domains, init=config.mask_init)
 
     def network_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("masks.")]
+        return [p for n, p in self.named_parameters() if not n.startswith("masks.") and p.requires_grad]
 
     def build_optimizers(self) -> None:
         super().build_optimizers()

@@ -165,6 +165,7 @@ class Schedule:
 
 
 LR_SCHEDULES = ("exponential", "inverse", "constant")
+VALIDATION_MODES = ("hard", "known_domain", "average")  # dmgcli.methods.PREDICT_MODES
 MASK_INITS = ("uniform", "constant")  # what dmgcli.core.DomainMasks accepts
 
 
@@ -181,6 +182,10 @@ DEFAULT_SCHEDULES = {
     # PACS (its masks' dropout slows fitting: benchmarks/FIDELITY.md).
     "default": Schedule(epochs=75, baseline_epochs=50, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
                         lr_schedule="exponential", gamma=0.99),
+    # PACS with a frozen ImageNet trunk (train.frozen_trunk; studies/pacs_frozen_cpu.yaml): only the
+    # classifier learns, from cached features; chosen on source validation (benchmarks/FIDELITY.md).
+    "pacs_frozen_trunk": Schedule(epochs=30, baseline_epochs=20, lr=1e-4, mask_lr=1e-2, weight_decay=1e-5,
+                                  lr_schedule="exponential", gamma=0.99),
 }
 
 
@@ -206,6 +211,12 @@ class TrainParams:
     precision: str = "bf16"  # CUDA: bf16 autocast or fp32; the CPU always computes in fp32
     compile: bool = False  # torch.compile the training step (CUDA; costs a minute or more at the start)
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
+    image_size: Optional[int] = None  # side of the images the network sees (pacs/domainnet augmentations); None: 224
+    frozen_trunk: bool = False  # freeze the (pretrained) layers below the first mask point; train only those above
+    trunk_cache: bool = True  # frozen_trunk: compute the trunk once per image and view (dmg features), not every step
+    trunk_views: int = 4  # frozen_trunk: fixed augmented views of each training image
+    validation_mode: Optional[str] = None  # model selection on source val: hard, known_domain or average; None: the method's reference rule
+    schedule: Optional[str] = None  # the entry of `schedules` to train with; None: the dataset's (its schedule key)
     schedules: dict[str, Schedule] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
 
     def __post_init__(self):
@@ -219,8 +230,18 @@ class TrainParams:
         check_choice("train.mask_init", self.mask_init, MASK_INITS)
         check_choice("train.resident", self.resident, RESIDENT_MODES)
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_range("train.image_size", self.image_size, minimum=16)
+        check_range("train.trunk_views", self.trunk_views, minimum=1, maximum=64)
+        if self.validation_mode is not None:
+            check_choice("train.validation_mode", self.validation_mode, VALIDATION_MODES)
+        if self.frozen_trunk and not self.pretrained:
+            raise DmgError("params: train.frozen_trunk needs train.pretrained: true (a frozen trunk of random "
+                           "weights computes nothing worth learning from)")
         for name, schedule in self.schedules.items():
             schedule.check(f"train.schedules.{name}")
+        if self.schedule is not None and self.schedule not in self.schedules:
+            raise DmgError(f"params: train.schedule {quote(self.schedule)} is not an entry of train.schedules; "
+                           f"valid: {', '.join(self.schedules)}")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,8 @@ def protocol_differences(protocol: dict, reference: dict, method: str) -> list[s
         parts.append(f"stored at {protocol['image_size']} px")
     if protocol["crop"] != reference["crop"]:
         parts.append(f"{protocol['crop']} px crops" if protocol["crop"] else "no crops")
+    if protocol.get("frozen_trunk"):  # recorded since frozen trunks exist; the paper fine-tunes everything
+        parts.append(f"frozen trunk ({protocol.get('trunk_views')} views)")
     if method == "dmg" and protocol["overlap_lambda"] != reference["overlap_lambda"]:
         parts.append(f"lambda_O {protocol['overlap_lambda']:g} (not {reference['overlap_lambda']:g})")
     return parts

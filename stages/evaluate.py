@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dmgcli import augment as aug
-from dmgcli import distributed
+from dmgcli import distributed, features
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
@@ -97,7 +97,7 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     ckpt = load_checkpoint(folder / "best.pt")
     check_identity(ckpt, spec, folder / "best.pt")
     with distributed.session(resolve_device(params.device)) as (proc, device):
-        metrics = _evaluate(info, h5, spec, ckpt, folder, train_params, params, device)
+        metrics = _evaluate(info, Path(data_dir), h5, spec, ckpt, folder, train_params, params, device)
         best = state["best"]
         metrics["selection"] = {"best_epoch": best.get("epoch"), "val_accuracy": best.get("val_accuracy")}
         metrics["finished"] = state["finished"]
@@ -114,18 +114,26 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     return metrics
 
 
-def _evaluate(info: DatasetInfo, h5: Path, spec, ckpt: dict, folder: Path, train_params: TrainParams,
-              params: EvaluateParams, device: torch.device) -> dict:
+def _evaluate(info: DatasetInfo, data_dir: Path, h5: Path, spec, ckpt: dict, folder: Path,
+              train_params: TrainParams, params: EvaluateParams, device: torch.device) -> dict:
     # Rebuild the network exactly as it was trained: its config (mask points, pretrained, hence the
     # input normalisation and head) comes from the checkpoint, not from params.yaml now; every weight
     # and buffer, normalisation statistics included, then comes from best.pt.
     config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over})
     method = place(build_method(spec.method, config, load_weights=False), device, train_params.precision)
     load_model_state(method, ckpt["model"], folder / "best.pt")
-    _, eval_aug = aug.get_augmentation(info.augmentation)
+    _, eval_aug = aug.get_augmentation(info.augmentation, config.image_size)
+    if config.frozen_trunk:  # the trunk's features of the evaluation view, from the run's feature cache
+        key = features.trunk_key(config, info.augmentation, h5, config.image_size, config.trunk_views)
+        cache = features.ensure_cache(features.cache_path(data_dir, info.name, config.backbone), key, h5, config,
+                                      device) if train_params.trunk_cache else None
+        eval_aug = features.unchanged
 
-    def stream(domains, split: str = "test") -> BatchStream:
+    def stream(domains, split: str = "test"):
         """The `split` of `domains`; each sample carries its domain's position in `domains`."""
+        if config.frozen_trunk:
+            return features.feature_streams(key, cache, h5, method, tuple(domains), (split,), (params.batch_size,),
+                                            device, info.augmentation)[0]
         images = DomainImages([SplitReader(h5, d, split) for d in domains], list(range(len(domains))))
         return BatchStream(images, params.batch_size, device, train_params.workers, train_params.resident)
 

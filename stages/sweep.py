@@ -26,7 +26,7 @@ from dmgcli.params import EvaluateParams, SweepParams, TrainParams
 from dmgcli.results import SWEEP_MEASURES as MEASURES
 from dmgcli.results import stat, summary_markdown, summary_path, sweep_dir  # noqa: F401 - re-exported
 from stages.evaluate import evaluate
-from stages.train import train
+from stages.train import schedule_of, train
 
 
 def mean_pairwise_iou(masks: dict) -> float:
@@ -75,9 +75,7 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
     """Train and evaluate DMG on the grid; writes and returns the summary (sweep.json)."""
     check_settings(info, settings)
     folder = sweep_dir(data_dir, info.name)
-    schedule = train_params.schedules.get(info.name)
-    if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+    schedule = schedule_of(info, train_params)
     # the epochs every point trains for (DMG's schedule unless set), so the summary can say it
     epochs = settings.epochs or train_params.epochs or schedule.epochs
     points = []

