@@ -182,6 +182,10 @@ DEFAULT_SCHEDULES = {
     # PACS (its masks' dropout slows fitting: benchmarks/FIDELITY.md).
     "default": Schedule(epochs=75, baseline_epochs=50, lr=1e-4, mask_lr=1e-4, weight_decay=1e-5,
                         lr_schedule="exponential", gamma=0.99),
+    # Runs from scratch of datasets on `default` (folder datasets, vlcs, ...): the digits' step sizes
+    # (a network that starts from random weights needs more than the fine-tuning lr of 1e-4).
+    "scratch": Schedule(epochs=60, baseline_epochs=30, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
+                        lr_schedule="exponential", gamma=0.99),
     # PACS with a frozen ImageNet trunk (train.frozen_trunk; studies/pacs_frozen_cpu.yaml): only the
     # classifier learns, from cached features; chosen on source validation (benchmarks/FIDELITY.md).
     "pacs_frozen_trunk": Schedule(epochs=30, baseline_epochs=20, lr=1e-4, mask_lr=1e-2, weight_decay=1e-5,

@@ -108,8 +108,9 @@ def load_rgb(data: bytes, size: int):
 
 
 def make_square(image, size: int, resize: str):
-    """A size x size image: `squash` resizes the whole image (aspect not kept, as the DomainNet
-    reference's Resize((256, 256))); `center_crop` resizes the shorter side to `size` and keeps
+    """A size x size image: `squash` resizes the whole image (aspect not kept; the DomainNet
+    reference stored 224 x 224 squares, cv2 cubic, and resized them to 256 when training, dmg
+    resizes once, straight to `size`); `center_crop` resizes the shorter side to `size` and keeps
     the central square, by one resize of the central box."""
     from PIL import Image
 

@@ -75,8 +75,12 @@ def choose_sources(domains: tuple[str, ...], target: str, sources: tuple[str, ..
 
 
 def schedule_of(info: DatasetInfo, params: TrainParams):
-    """The schedule a run trains with: train.schedule if set, else the dataset's entry of train.schedules."""
+    """The schedule a run trains with: train.schedule if set, else the dataset's entry of
+    train.schedules. `default` is a fine-tuning recipe (lr 1e-4): a run from scratch of a
+    dataset on `default` takes `scratch` instead, which is made for that."""
     key = params.schedule or info.schedule_key
+    if key == "default" and not params.pretrained and params.schedule is None and "scratch" in params.schedules:
+        key = "scratch"
     if key not in params.schedules:
         raise DmgError(f"params: train.schedules has no entry {key!r} (the schedule of {info.name})")
     return params.schedules[key]

@@ -282,6 +282,7 @@ class DomainNet(DatasetInfo):
 DOMAINNET = DomainNet(
     name="domainnet", domains=DOMAINNET_DOMAINS, num_classes=DOMAINNET_NUM_CLASSES, augmentation="domainnet",
     description="DomainNet (Peng et al. 2019): about 586,000 images, 6 domains, 345 classes",
-    # the reference resized whole images to 256 x 256 (aspect not kept): squares of the whole image
+    # the reference stored whole images squashed to 224 x 224 (cv2, cubic) and resized them to 256 at
+    # training time; dmg squashes once, straight to 256: squares of the whole image
     resize="squash",
 )
