@@ -39,8 +39,10 @@ METHOD_ROWS = {
     "multihead": (("average", "Multi-Headed"), ("known_domain", "Multi-Headed (own head)")),
     "dmg": (("average", "DMG"), ("known_domain", "DMG-KnownDomain")),
 }
-BACKBONE_LABELS = {"convnet": "ConvNet", "alexnet": "AlexNet", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
-IMAGENET_BACKBONES = ("alexnet", "resnet18", "resnet50")  # the paper fine-tunes ImageNet weights
+BACKBONE_LABELS = {"convnet": "ConvNet", "alexnet": "AlexNet", "resnet18": "ResNet-18", "resnet50": "ResNet-50",
+                   "efficientnet_lite0": "EffNet-Lite0", "efficientnet_lite0_mlp": "EffNet-Lite0 fc6-8"}
+# the paper fine-tunes ImageNet weights
+IMAGENET_BACKBONES = ("alexnet", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite0_mlp")
 PAPER_TABLES_OF = {"domainnet": (1, 3), "pacs": (2,)}
 
 
