@@ -38,6 +38,7 @@ from dmgcli.fileio import run_lock, write_json, write_text
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli.methods import Method, MethodConfig, build_method
 from dmgcli.params import TrainParams
+from dmgcli.runfolder import check_run_folder, recover, replacing
 
 
 @dataclass(frozen=True)
@@ -221,18 +222,12 @@ def run_protocol(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams
             "dmg_version": dmgcli.__version__, "git_commit": git_commit()}
 
 
-def check_run_folder(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to replace a finished run (run.json present) unless asked: it may be a pipeline output."""
-    if (out / "run.json").exists() and not (resume or force):
-        raise DmgError(f"{out} holds a finished run (run.json); --resume continues it, --force replaces it, "
-                       f"--out FOLDER trains elsewhere")
-
-
 def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir: str | Path | None = None,
           resume: bool = False, quiet: bool = False, force: bool = False) -> Path:
     """Train one run; returns its folder (best.pt, last.pt, log.csv, run.json).
 
-    A folder holding a finished run is refused unless resume (continue it) or force (replace it).
+    A folder holding a run is refused unless resume (continue it) or force (replace it); the run
+    they change is kept aside until the new process has a checkpoint (dmgcli/runfolder.py).
     Under torchrun every process calls this; only rank 0 writes files and prints.
     """
     h5 = require_h5(data_dir, info.name)
@@ -243,7 +238,11 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
     autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
     with distributed.session(resolve_device(params.device)) as (proc, device):
         with run_lock(out, enabled=proc.is_main):  # one writer per run folder; clears a killed run's temp files
-            return _train(info, h5, spec, params, out, device, proc, resume, quiet)
+            if proc.is_main:
+                recover(out)  # what a killed --force or --resume kept aside
+                check_run_folder(out, resume, force)
+            with replacing(out, link=resume, enabled=proc.is_main and (resume or force)):
+                return _train(info, h5, spec, params, out, device, proc, resume, quiet)
 
 
 def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out: Path, device: torch.device,
@@ -270,12 +269,8 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
     precision = params.precision if device.type == "cuda" else "fp32"
     protocol = run_protocol(info, h5, spec, params, schedule, epochs, precision)
-    if proc.is_main:
+    if proc.is_main:  # run.json of a run being replaced or continued is kept aside (train())
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").unlink(missing_ok=True)  # the folder holds an unfinished run until the end
-        if start_epoch == 0:  # a fresh start (--force, or an unfinished folder without --resume)
-            for name in ("log.csv", "best.pt"):
-                (out / name).unlink(missing_ok=True)
 
     for epoch in range(start_epoch, epochs):
         stats = train_one_epoch(method, train_stream, train_aug, params.seed, epoch, scheduler,

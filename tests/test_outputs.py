@@ -1,0 +1,235 @@
+"""What dmg writes and deletes: only its own marked temporaries of dead writers are cleaned
+up, a run being replaced or continued is never lost on the way, only regular files are
+replaced, and run folders are never restarted or half-made silently."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from dmgcli.cli import app
+from dmgcli.errors import DmgError
+from dmgcli.fileio import HOST, atomic_path, run_lock, temp_name, write_text
+from dmgcli.runfolder import recover
+from test_concurrency import dead_pid, hold_lock, marked, one_error_line
+from test_hardening import assert_clean_failure, files_in
+
+runner = CliRunner()
+
+
+def dmg(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def train_args(out, *extra, epochs: int = 1):
+    return ["train", "--target", "rot0", "--method", "aggregate", "--epochs", str(epochs), "--device", "cpu",
+            "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_dir, tmp_path_factory):
+    """A finished 1-epoch Aggregate run on rot0 (copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = runner.invoke(app, [str(a) for a in train_args(out, "--params", digits_dir / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# --------------------------------------------------------------------------- 1. only what dmg made
+
+def test_temporary_names_carry_the_marker_pid_and_host(tmp_path):
+    name = temp_name(tmp_path / "m.json").name
+    assert name.startswith(".m.json.~dmg-") and f"-{os.getpid()}-{HOST}-" in name and name.endswith(".tmp")
+
+
+def test_lock_cleanup_spares_what_dmg_cannot_prove_its_own(tmp_path):
+    """The user's dot-files that look like temporaries, a live writer's and another host's
+    temporaries all stay; only a dead dmg writer's marked files on this host go."""
+    folder = tmp_path / "project"
+    users = [folder / ".thesis.old.v1" / "chapter1.tex", folder / ".venv.old.bak" / "bin", folder / ".notes.tmp"]
+    live = folder / marked("log.csv", os.getpid())
+    elsewhere = folder / marked("log.csv", dead_pid(), host="0123abcd")
+    dead = [folder / marked("last.pt", dead_pid()), folder / marked("fetch", dead_pid()) / "x.jpg"]
+    for path in users + [live, elsewhere] + dead:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    with run_lock(folder):
+        pass
+    assert all(p.exists() for p in users + [live, elsewhere]) and not any(p.exists() for p in dead)
+    assert not dead[1].parent.exists()
+
+
+def test_a_file_lock_spares_a_live_neighbours_temporary(tmp_path):
+    """`dmg preprocess my.b` must not delete a running `dmg preprocess my`'s temporary file."""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        neighbour = tmp_path / marked("my.h5", holder.pid)
+        own_dead = tmp_path / marked("my.b.h5", dead_pid())
+        companion_dead = tmp_path / marked("my.b.report.json", dead_pid())
+        for path in (neighbour, own_dead, companion_dead):
+            path.write_text("half")
+        with run_lock(tmp_path / "my.b.h5", folder=False):
+            pass
+        assert neighbour.exists() and not own_dead.exists() and not companion_dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_train_into_the_current_folder_keeps_the_users_dot_files(workdir):
+    keep = [workdir / ".thesis.old.v1" / "notes.md", workdir / ".venv.old.bak" / "x", workdir / ".draft.tmp"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    result = dmg(*train_args("."))
+    assert result.exit_code == 0, result.output
+    assert all(p.read_text() == "the user's" for p in keep)
+    assert {"best.pt", "last.pt", "log.csv", "run.json"} <= {p.name for p in workdir.iterdir()}
+
+
+# --------------------------------------------------------------------------- 2. no run lost or restarted silently
+
+def interrupt_first_epoch(monkeypatch):
+    import stages.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.train, "train_one_epoch", interrupted)
+
+
+@pytest.mark.parametrize("flag", ["--force", "--resume"])
+def test_interrupted_force_or_resume_keeps_the_finished_run(workdir, finished_run, monkeypatch, flag):
+    run = workdir / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    interrupt_first_epoch(monkeypatch)
+    result = dmg(*train_args(run, flag, epochs=2))
+    assert result.exit_code == 130, result.output
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(before)
+
+
+def test_force_replaces_the_run_once_the_new_one_has_a_checkpoint(workdir, finished_run):
+    run = workdir / "run"
+    shutil.copytree(finished_run, run)
+    old_last = (run / "last.pt").read_bytes()
+    result = dmg(*train_args(run, "--force", "--seed", "1"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.csv", "run.json"]
+    assert (run / "last.pt").read_bytes() != old_last and json.loads((run / "run.json").read_text())["seed"] == 1
+
+
+def test_a_killed_force_is_undone_by_the_next_train(workdir, finished_run):
+    """What kill -9 during `--force`'s first epoch leaves: the old run kept aside by a dead
+    process, nothing of the new run's own. The next `dmg train` of the folder restores it
+    (and then refuses to replace it without --force)."""
+    run = workdir / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+    aside = run / marked("previous-run", dead_pid(), kind="old")
+    aside.mkdir()
+    for name in before:
+        os.replace(run / name, aside / name)
+    (run / marked("last.pt", dead_pid())).write_bytes(b"half of the new run's checkpoint")
+    result = dmg(*train_args(run, epochs=2))
+    line = one_error_line(result)
+    assert "holds a finished run (run.json); --resume continues it, --force replaces it" in line
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == sorted(before)
+
+
+def test_a_kept_aside_run_is_dropped_once_the_new_run_has_its_own_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    aside = run / marked("previous-run", dead_pid(), kind="old")
+    aside.mkdir(parents=True)
+    for name in ("run.json", "last.pt", "best.pt"):
+        (aside / name).write_text(f"old {name}")
+    (run / "last.pt").write_text("new last.pt")  # the new run's first epoch ended
+    recover(run)
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt"] and (run / "last.pt").read_text() == "new last.pt"
+    # a live writer's kept-aside run is its own business
+    live = run / marked("previous-run", os.getpid(), kind="old")
+    live.mkdir()
+    recover(run)
+    assert live.is_dir()
+
+
+def test_an_unfinished_run_is_not_restarted_without_resume_or_force(workdir, finished_run):
+    run = workdir / "run"
+    shutil.copytree(finished_run, run)
+    (run / "run.json").unlink()  # what Ctrl-C before the end leaves
+    line = assert_clean_failure(workdir, *train_args(run, epochs=2), pattern="holds an unfinished run")
+    assert "--resume continues it, --force replaces it" in line
+
+
+def test_resume_without_a_last_checkpoint_is_refused(workdir):
+    (workdir / "empty").mkdir()
+    line = assert_clean_failure(workdir, *train_args(workdir / "empty", "--resume"), pattern="--resume: ")
+    assert "no last.pt" in line and "drop --resume" in line
+    assert_clean_failure(workdir, *train_args(workdir / "nothing", "--resume"), pattern="no last.pt")
+
+
+def test_failed_pretrained_start_leaves_no_run_folder(workdir, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "no-torch-home"))
+    before = files_in(workdir)
+    result = dmg("train", "--target", "rot0", "--backbone", "resnet18", "--pretrained", "--epochs", "1",
+                 "--device", "cpu")
+    assert "ImageNet weights not found" in one_error_line(result)
+    assert files_in(workdir) == before and not (workdir / "data" / "runs").exists()
+
+
+# --------------------------------------------------------------------------- 3. only regular files are replaced
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "fifo", "dangling symlink"])
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path, kind):
+    target, other = tmp_path / "out.json", tmp_path / "elsewhere.json"
+    other.write_text("the link's target")
+    if kind == "symlink":
+        target.symlink_to(other)
+    elif kind == "dangling symlink":
+        target.symlink_to(tmp_path / "missing")
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    with pytest.raises(DmgError, match="cannot write .*out.json: "):
+        write_text(target, "new")
+    assert other.read_text() == "the link's target" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere.json", "out.json"]
+    assert target.is_symlink() or not target.is_file()
+
+
+def test_a_device_that_appears_while_writing_is_not_replaced(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(DmgError, match="a device or other special file"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("x")
+            os.mkfifo(target)
+    assert not target.is_file() and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def device_node(path: Path) -> str:
+    """A character device like /dev/full at `path` (root), else a FIFO; returns what it is."""
+    import stat
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+        return "device"
+    except PermissionError:
+        os.mkfifo(path)
+        return "fifo"
+
+
+def test_report_out_to_a_device_leaves_the_device_alone(workdir):
+    """`dmg report --out /dev/full` turned the system's device node into a regular file; a copy
+    of the node in the test's folder stands in for it (a regression cannot harm the machine)."""
+    node = workdir / "full"
+    device_node(node)
+    assert_clean_failure(workdir, "report", "--no-figures", "--out", node, pattern=f"cannot write {node}: it is a device")
+    assert not node.is_file() and not node.is_symlink()
