@@ -134,7 +134,7 @@ def test_killed_training_rerun_cleans_its_debris_and_resumes(digits_dir, tmp_pat
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     # what a kill during a checkpoint write leaves (the kill above may or may not have hit one)
     for name in ("last.pt", "best.pt", "log.csv"):
-        (out / marked(name, killed.pid)).write_bytes(b"half a checkpoint")
+        (out / marked(name, dead_pid())).write_bytes(b"half a checkpoint")
     assert (out / ".dmg.lock").exists(), "the killed run's lock file stays, unlocked"
     result = runner.invoke(app, train_command(params, out, 2, "--resume")[3:])
     assert result.exit_code == 0, result.output
