@@ -233,3 +233,29 @@ def test_report_out_to_a_device_leaves_the_device_alone(workdir):
     device_node(node)
     assert_clean_failure(workdir, "report", "--no-figures", "--out", node, pattern=f"cannot write {node}: it is a device")
     assert not node.is_file() and not node.is_symlink()
+
+
+# --------------------------------------------------------------------------- 10. checkpoints sealed by their digest
+
+def test_every_byte_of_a_checkpoint_is_covered_by_its_seal(finished_run, tmp_path):
+    """Any changed byte, wherever it lies (weights, zip records, the seal itself), is refused
+    before torch.load; an unchanged sealed file loads, and so does an older unsealed one."""
+    import numpy as np
+    import torch
+
+    from dmgcli.engine import SEAL_LENGTH, load_checkpoint, seal_matches
+
+    original = (finished_run / "best.pt").read_bytes()
+    path = tmp_path / "best.pt"
+    path.write_bytes(original)
+    assert seal_matches(path) is True and load_checkpoint(path)["epoch"] == 1
+    tail = range(len(original) - 22 - SEAL_LENGTH, len(original))
+    positions = sorted({*np.random.default_rng(0).integers(0, len(original), 40).tolist(), *tail[::7], tail[-1]})
+    for pos in positions:
+        data = bytearray(original)
+        data[pos] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(DmgError, match=f"checkpoint {path} "):
+            load_checkpoint(path)
+    torch.save(torch.load(finished_run / "best.pt", weights_only=True), path)  # as dmg before the seal wrote it
+    assert seal_matches(path) is None and load_checkpoint(path)["epoch"] == 1
