@@ -32,6 +32,7 @@ from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
 from dmgcli.errors import DmgError
 from dmgcli.fileio import read_record, write_json
+from dmgcli.fingerprint import check_same_data, data_record, require_images
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
 from dmgcli.params import EvaluateParams, TrainParams
@@ -95,7 +96,12 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
                                            train_params.target, train_params.seed)
     state = run_state(folder, info, train_params, run, allow_unfinished)
     ckpt = load_checkpoint(folder / "best.pt")
-    check_identity(ckpt, spec, folder / "best.pt")
+    check_identity(ckpt, spec, folder / "best.pt", advice="evaluate it with the settings it was trained with "
+                   "(--dataset, --target, --source, --backbone, --method), or name another run with --run")
+    data = data_record(h5)
+    check_same_data(ckpt.get("data", state.get("data")), data, h5, folder)
+    require_images(data, [spec.target], ("test",), "evaluation")
+    require_images(data, spec.sources, (info.in_domain_split,), "in-domain evaluation")
     with distributed.session(resolve_device(params.device)) as (proc, device):
         metrics = _evaluate(info, h5, spec, ckpt, folder, train_params, params, device)
         best = state["best"]

@@ -35,6 +35,7 @@ from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_m
                            train_one_epoch, training_objective)
 from dmgcli.errors import DmgError
 from dmgcli.fileio import run_lock, write_json, write_text
+from dmgcli.fingerprint import check_same_data, data_record, recorded, require_images
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli.methods import Method, MethodConfig, build_method
 from dmgcli.params import TrainParams
@@ -108,13 +109,13 @@ def check_settings(checkpoint: dict, settings: dict, path: Path) -> None:
                            f"resume with the same settings or use another output folder")
 
 
-def check_identity(checkpoint: dict, spec: RunSpec, path: Path) -> None:
+def check_identity(checkpoint: dict, spec: RunSpec, path: Path,
+                   advice: str = "use another output folder or drop --resume") -> None:
     """Refuse a checkpoint of another backbone, method or domain set."""
     saved = checkpoint.get("identity", {})
     for key, value in spec.identity().items():
         if saved.get(key) != value:
-            raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; "
-                           f"use another output folder or drop --resume")
+            raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; {advice}")
 
 
 def per_process_batch(batch_size: int, world: int) -> int:
@@ -175,7 +176,7 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
     best_path = path.parent / "best.pt"
     if proc.is_main and ckpt["best"]["epoch"] == ckpt["epoch"] and (
             not best_path.exists() or load_checkpoint(best_path).get("epoch") != ckpt["epoch"]):
-        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol")
+        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol", "data")
                                     if k in ckpt})
     load_model_state(method, ckpt["model"], path)
     for opt, state in zip(method.optimizers, ckpt["optimizers"]):
@@ -251,6 +252,8 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     epochs = params.epochs if params.epochs is not None else (
         schedule.epochs if params.method == "dmg" else schedule.baseline_epochs)
     batch_size = per_process_batch(params.batch_size, proc.world)
+    data = data_record(h5)  # the file the run trains on (recorded); empty splits refused before any work
+    require_images(data, spec.sources, ("train", "val"), "training")
 
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
@@ -265,6 +268,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
     last_path = out / "last.pt"
     if resume and last_path.exists():
         ckpt = restore(last_path, spec, settings, method, scheduler, proc, params.seed)
+        check_same_data(ckpt.get("data"), data, h5, out)
         start_epoch, best, rows = ckpt["epoch"], ckpt["best"], ckpt["log"]
     objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
     precision = params.precision if device.type == "cuda" else "fp32"
@@ -295,7 +299,7 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
                   f"{stats.images_per_second:.0f} img/s", flush=True)
         # "epoch" = epochs completed (1-based, as in log.csv and run.json)
         payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict(),
-                   "epoch": epoch + 1, "protocol": {**protocol, "epochs_run": epoch + 1}}
+                   "epoch": epoch + 1, "protocol": {**protocol, "epochs_run": epoch + 1}, "data": recorded(data)}
         save_checkpoint(last_path, {**payload, "best": best, "log": rows, "settings": settings,
                                     "optimizers": [o.state_dict() for o in method.optimizers],
                                     "scheduler": scheduler.state_dict(), "rng": rng})
@@ -311,5 +315,5 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
                                       "schedule": dataclasses.asdict(schedule), "device": str(device),
                                       "processes": proc.world, "batch_size": params.batch_size,
                                       "precision": precision, "torch": torch.__version__,
-                                      "protocol": {**protocol, "epochs_run": len(rows)}})
+                                      "protocol": {**protocol, "epochs_run": len(rows)}, "data": recorded(data)})
     return out

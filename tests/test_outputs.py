@@ -259,3 +259,53 @@ def test_every_byte_of_a_checkpoint_is_covered_by_its_seal(finished_run, tmp_pat
             load_checkpoint(path)
     torch.save(torch.load(finished_run / "best.pt", weights_only=True), path)  # as dmg before the seal wrote it
     assert seal_matches(path) is None and load_checkpoint(path)["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- 5. the data a run was trained on
+
+def test_evaluate_refuses_a_dataset_preprocessed_again_with_another_split_seed(workdir, finished_run):
+    from conftest import write_params
+
+    run = workdir / "run"
+    shutil.copytree(finished_run, run)
+    recorded = json.loads((run / "run.json").read_text())["data"]
+    assert recorded["file"] == "digits.h5" and recorded["split_seed"] == 0 and len(recorded["fingerprint"]) == 16
+    import torch
+    assert torch.load(run / "best.pt", weights_only=True)["data"] == recorded
+    evaluate = ["evaluate", "--target", "rot0", "--method", "aggregate", "--run", run, "--device", "cpu",
+                "--out", workdir / "m.json"]
+    assert dmg(*evaluate).exit_code == 0
+    write_params(workdir, preprocess={"seed": 1})
+    assert dmg("download", "digits").exit_code == 0 and dmg("preprocess", "digits").exit_code == 0
+    line = assert_clean_failure(workdir, *evaluate, pattern=f"{run} was trained on digits.h5 with fingerprint "
+                                                            f"{recorded['fingerprint']}, split seed 0, but ")
+    assert "split seed 1" in line
+    assert_clean_failure(workdir, *train_args(run, "--resume", epochs=2), pattern="split seed 1")
+
+
+def empty_split(h5: Path, domain: str, split: str) -> None:
+    """Make one split of a dmg HDF5 file hold no images (as a folder dataset with a tiny domain can)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(h5, "r+") as f:
+        group = f[f"{domain}/{split}"]
+        shape = group["images"].shape[1:]
+        for name in list(group):
+            del group[name]
+        group.create_dataset("labels", data=np.zeros(0, np.int64))
+        group.create_dataset("paths", data=np.array([], dtype=object), dtype=h5py.string_dtype())
+        group.create_dataset("crc32", data=np.zeros(0, np.uint32))
+        group.create_dataset("images", shape=(0, *shape), dtype=np.uint8)
+
+
+def test_empty_splits_are_refused_before_training_and_evaluation(workdir):
+    h5 = workdir / "data" / "prepared" / "digits.h5"
+    empty_split(h5, "rot15", "val")
+    assert_clean_failure(workdir, *train_args(workdir / "r1"),
+                         pattern="digits.h5: the val split of domain 'rot15' holds no images; training needs it")
+    empty_split(h5, "rot0", "test")
+    assert dmg(*train_args(workdir / "r2", "--source", "rot30")).exit_code == 0
+    assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--method", "aggregate", "--source", "rot30",
+                         "--run", workdir / "r2", "--device", "cpu", "--out", workdir / "m.json",
+                         pattern="the test split of domain 'rot0' holds no images; evaluation needs it")
