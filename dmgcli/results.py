@@ -181,7 +181,22 @@ def read_record(path: Path) -> dict:
     if "protocol" in data and (not isinstance(data["protocol"], dict)
                                or not set(PROTOCOL_KEYS + ("schedule_epochs",)) <= set(data["protocol"])):
         raise ValueError("malformed protocol")
+    if details.exists():
+        check_pair(path, data)
     return data
+
+
+def check_pair(path: Path, details: dict) -> None:
+    """The headline must be exactly what its details give (evaluate writes the details first,
+    then the headline from them): else the two files come from different evaluations (one
+    killed between its two writes, or two at once) and DVC would show other numbers than the report."""
+    try:
+        expected = headline(details)
+    except (KeyError, TypeError):
+        raise ValueError(f"{details_path(path).name}: missing selection or accuracies") from None
+    if _read_json(path) != expected:
+        raise ValueError(f"{path.name} does not match {details_path(path).name} beside it (written by different "
+                         f"evaluations: one interrupted, or two at once); run `dmg evaluate` for it again")
 
 
 def check_cell(record: Record, dataset: str, cell: tuple[str, str, str], seed: int, seeds: dict[int, Record]) -> None:

@@ -31,7 +31,7 @@ from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
 from dmgcli.errors import DmgError
-from dmgcli.fileio import read_record, write_json
+from dmgcli.fileio import check_replaceable, read_record, run_lock, write_json
 from dmgcli.fingerprint import check_same_data, data_record, require_images
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
@@ -112,11 +112,11 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
         path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
                                                   train_params.seed)
         for target in (details_path(path), path):  # both files or neither
-            if target.is_dir():
-                raise DmgError(f"cannot write {target}: a folder of that name is in the way")
+            check_replaceable(target)
         if proc.is_main:
-            write_json(details_path(path), metrics)
-            write_json(path, headline(metrics))
+            with run_lock(path, folder=False):  # one evaluation writes the pair at a time; details first
+                write_json(details_path(path), metrics)
+                write_json(path, headline(metrics))
     return metrics
 
 

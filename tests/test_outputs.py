@@ -309,3 +309,38 @@ def test_empty_splits_are_refused_before_training_and_evaluation(workdir):
     assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--method", "aggregate", "--source", "rot30",
                          "--run", workdir / "r2", "--device", "cpu", "--out", workdir / "m.json",
                          pattern="the test split of domain 'rot0' holds no images; evaluation needs it")
+
+
+# --------------------------------------------------------------------------- 4. headline and details as one unit
+
+def test_a_headline_beside_details_of_another_evaluation_is_not_tabulated(workdir, finished_run):
+    from dmgcli.results import details_path, load_runs
+
+    headline = workdir / "metrics/digits/convnet/aggregate/rot0/seed0.json"
+    assert dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
+               "--device", "cpu").exit_code == 0
+    runs = load_runs(workdir / "metrics", "digits")
+    assert not runs.skipped and list(runs.get("convnet", "aggregate", "rot0")) == [0]
+    # what a kill between the two renames, or a second evaluate of another run, leaves
+    other = json.loads(headline.read_text())
+    other["out_of_domain"] += 1.0
+    other["in_domain_known_domain"] = 50.0  # a Multi-Headed headline beside Aggregate details
+    headline.write_text(json.dumps(other))
+    runs = load_runs(workdir / "metrics", "digits")
+    assert not runs.get("convnet", "aggregate", "rot0") and len(runs.skipped) == 1
+    assert f"seed0.json does not match {details_path(headline).name} beside it" in runs.skipped[0]
+    report = dmg("report", "--no-figures")
+    assert report.exit_code == 0 and "does not match seed0.details.json" in report.stderr
+
+
+def test_two_evaluations_do_not_write_one_pair_at_once(workdir, finished_run):
+    headline = workdir / "m.json"
+    holder = hold_lock(headline, folder=False)
+    try:
+        line = assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--method", "aggregate", "--run",
+                                    finished_run, "--device", "cpu", "--out", headline,
+                                    pattern="is being written by another dmg process")
+        assert f"pid {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()
