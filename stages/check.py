@@ -55,9 +55,9 @@ def check(params: Params) -> str:
         raise DmgError("params: matrix.seeds is empty; the pipeline would run nothing")
     if len(set(matrix.seeds)) != len(matrix.seeds):
         raise DmgError(f"params: matrix.seeds repeats a seed: {list(matrix.seeds)}")
-    schedule = params.train.schedules.get(info.name)
+    schedule = params.train.schedules.get(info.schedule_key)  # the lookup train makes
     if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+        raise DmgError(f"params: train.schedules has no entry {info.schedule_key!r} (the schedule of {info.name})")
     make_scheduler([torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)], schedule)
     if params.train.precision not in PRECISIONS:
         raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, got {params.train.precision!r}")

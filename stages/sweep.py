@@ -75,9 +75,9 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
     """Train and evaluate DMG on the grid; writes and returns the summary (sweep.json)."""
     check_settings(info, settings)
     folder = sweep_dir(data_dir, info.name)
-    schedule = train_params.schedules.get(info.name)
+    schedule = train_params.schedules.get(info.schedule_key)  # the lookup train makes
     if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+        raise DmgError(f"params: train.schedules has no entry {info.schedule_key!r} (the schedule of {info.name})")
     # the epochs every point trains for (DMG's schedule unless set), so the summary can say it
     epochs = settings.epochs or train_params.epochs or schedule.epochs
     points = []

@@ -344,3 +344,23 @@ def test_two_evaluations_do_not_write_one_pair_at_once(workdir, finished_run):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------- 8. one schedule lookup
+
+@pytest.mark.parametrize("dataset, targets", [("mydata", ["hospital_a"]), ("vlcs", ["caltech101", "sun09"]),
+                                              ("office_home", ["art"]), ("terra_incognita", ["location_38"])])
+def test_check_finds_the_schedule_train_uses(tmp_path, monkeypatch, dataset, targets):
+    """A folder dataset and vlcs/office_home/terra_incognita train with train.schedules.default:
+    `dmg check` (the pipeline's first stage) must look it up as train does."""
+    from conftest import write_params
+
+    monkeypatch.chdir(tmp_path)
+    sweep = {"targets": targets[:1], "lambdas": [0.1], "seeds": [0]}
+    folders = {"mydata": {"root": str(tmp_path / "images"), "domains": ["hospital_a", "hospital_b"]}} \
+        if dataset == "mydata" else {}
+    params = write_params(tmp_path, dataset=dataset, matrix={"targets": targets}, report={"sweep": sweep},
+                          **({"datasets": folders} if folders else {}))
+    result = dmg("check", "--params", params)
+    assert result.exit_code == 0, result.output
+    assert f"ok: {dataset}, {len(targets) * 3} runs" in result.output and (tmp_path / "data/params.checked").exists()
