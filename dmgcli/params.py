@@ -267,6 +267,10 @@ class Params:
     report: ReportParams = ReportParams()
     datasets: dict[str, FolderDatasetParams] = field(default_factory=dict)  # one's own folder datasets, by name
 
+    def __post_init__(self):
+        for name, spec in self.datasets.items():  # as preprocess.image_size: smaller cannot be trained on
+            check_range(f"datasets.{name}.image_size", spec.image_size, minimum=8)
+
 
 def _describe(tp) -> str:
     """An annotation in words, for error messages: Optional[float] -> "a number or null"."""
@@ -367,6 +371,19 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise DmgError(f"params: YAML aliases (*{shorten(event.anchor, 40)}) are not supported "
                            f"(line {event.start_mark.line + 1}); write the values out")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is an error (YAML keeps the last silently: a second `train:` section
+        would drop the whole first one)."""
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise DmgError(f"params: key {quote(key_node.value)} is given twice (lines {seen[key_node.value]} "
+                                   f"and {line}); keep one")
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

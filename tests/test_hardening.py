@@ -63,6 +63,11 @@ BAD_PARAMS_TEXT = {
     "invalid yaml": ("train: {lr: [1, 2\n", "not valid YAML"),
     "huge value": ("train: {method: " + "x" * 300_000 + "}\n", ""),
     "huge key": ("train: {" + "k" * 300_000 + ": 1}\n", ""),
+    "a second train section": ("train: {lr: 0.1}\nmatrix: {seeds: [0]}\ntrain: {epochs: 2}\n",
+                               "params: key 'train' is given twice (lines 1 and 3); keep one"),
+    "a key given twice": ("train:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice (lines 2 and 3)"),
+    "a folder dataset of 1 px": ("datasets:\n  mine: {root: x, image_size: 1}\n",
+                                 "params: datasets.mine.image_size must be at least 8, got 1"),
 }
 
 BAD_VALUES = [  # (section, key, value, message)
