@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .checkpoint_values import check_values
 from .data import BatchStream
 from .errors import DmgError
 from .fileio import atomic_path, shorten
@@ -327,6 +328,7 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
                        f"was it written by another version?")
     if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")
+    check_values(ckpt, name, keys, advice)
     return ckpt
 
 

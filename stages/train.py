@@ -29,12 +29,12 @@ from dmgcli import augment as aug
 from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import LAST_CHECKPOINT_KEYS
+from dmgcli.engine import LAST_CHECKPOINT_KEYS, first_line
 from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
                            resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                            train_one_epoch, training_objective)
 from dmgcli.errors import DmgError
-from dmgcli.fileio import run_lock, write_json, write_text
+from dmgcli.fileio import run_lock, shorten, write_json, write_text
 from dmgcli.fingerprint import check_same_data, data_record, recorded, require_images
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli.methods import Method, MethodConfig, build_method
@@ -179,13 +179,20 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
         save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol", "data")
                                     if k in ckpt})
     load_model_state(method, ckpt["model"], path)
-    for opt, state in zip(method.optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
-    scheduler.load_state_dict(ckpt["scheduler"])
+    if len(ckpt["optimizers"]) != len(method.optimizers):
+        raise DmgError(f"checkpoint {path} holds {len(ckpt['optimizers'])} optimizer states, this run has "
+                       f"{len(method.optimizers)}; was it written by another dmg?")
     states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per process
-    if len(states) == proc.world:
-        set_rng_state(states[proc.rank])
-    else:
+    try:  # values a dmg checkpoint does not hold (extra param groups, a short RNG state) end here
+        for opt, state in zip(method.optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if len(states) == proc.world:
+            set_rng_state(states[proc.rank])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        raise DmgError(f"checkpoint {path} holds a training state this run cannot use "
+                       f"({shorten(first_line(exc))}); delete it, or train again without --resume") from None
+    if len(states) != proc.world:
         if proc.is_main:
             print(f"note: {path} was written by {len(states)} processes, resumed with {proc.world}: random streams "
                   f"re-seeded, so the run will not repeat an uninterrupted one exactly", flush=True)

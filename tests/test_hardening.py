@@ -635,3 +635,49 @@ def test_metrics_output_that_is_a_folder(workdir, trained_run):
     (workdir / "metrics.json").mkdir()
     assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--run", trained_run, "--device", "cpu",
                          "--out", workdir / "metrics.json", pattern="a folder of that name is in the way")
+
+
+# --------------------------------------------------------------------------- values no dmg writes in a checkpoint
+
+def tampered(ckpt: dict, how: str) -> dict:
+    """A complete checkpoint with one value that no dmg writes (saved without a seal, as an older dmg did)."""
+    if how.startswith("config."):
+        key, value = how.removeprefix("config.").split("=")
+        ckpt["config"][key] = yaml.safe_load(value)
+    elif how == "short rng state":
+        ckpt["rng"][0]["torch"] = ckpt["rng"][0]["torch"][:100]  # one state per process
+    elif how == "extra param groups":
+        state = ckpt["optimizers"][0]
+        state["param_groups"] = state["param_groups"] * 2
+    elif how == "extra optimizer":
+        ckpt["optimizers"].append(ckpt["optimizers"][0])
+    elif how == "log not a list":
+        ckpt["log"] = "epoch 1"
+    elif how == "negative epoch":
+        ckpt["epoch"] = -3
+    return ckpt
+
+
+CONFIG_VALUES = ["config.num_classes=-1", "config.num_classes=1000000000000", "config.num_domains=0",
+                 "config.lr='0.001'", "config.lr=-0.1", "config.mask_lr=.nan", "config.backbone=7",
+                 "config.pretrained='yes'", "config.mask_points=[1, 2]"]
+
+
+@pytest.mark.parametrize("how", CONFIG_VALUES)
+def test_impossible_config_in_best_checkpoint(workdir, trained_run, how):
+    run = workdir / "run"
+    shutil.copytree(trained_run, run)
+    torch.save(tampered(torch.load(run / "best.pt", weights_only=True), how), run / "best.pt")
+    line = assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--run", run, "--out", workdir / "m.json",
+                                "--device", "cpu", pattern=f"checkpoint {run / 'best.pt'} has an impossible config.")
+    assert how.split("=")[0] in line
+
+
+@pytest.mark.parametrize("how", ["short rng state", "extra param groups", "extra optimizer", "log not a list",
+                                 "negative epoch", "config.num_classes=-1", "config.lr='0.1'"])
+def test_impossible_values_in_last_checkpoint_on_resume(workdir, trained_run, how):
+    run = workdir / "run"
+    shutil.copytree(trained_run, run)
+    torch.save(tampered(torch.load(run / "last.pt", weights_only=True), how), run / "last.pt")
+    assert_clean_failure(workdir, "train", "--target", "rot0", "--epochs", "2", "--device", "cpu", "--out", run,
+                         "--resume", pattern=f"checkpoint {run / 'last.pt'}")
