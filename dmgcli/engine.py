@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 import warnings
 import zlib
@@ -28,7 +29,7 @@ from . import distributed
 from .checkpoint_values import check_values
 from .data import BatchStream
 from .errors import DmgError
-from .fileio import atomic_path, shorten
+from .fileio import atomic_path, disk_full, shorten
 from .methods import Method, MethodConfig
 from .params import Schedule
 
@@ -229,7 +230,16 @@ def save_checkpoint(path, payload: dict) -> None:
     """Atomic: a crash while saving keeps the previous checkpoint intact. Sealed with the
     sha256 of its bytes (`seal`), so any later change to them is refused on loading."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's writer says "[enforce fail at inline_container.cc] unexpected pos"
+            if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            if free < 64 * 2**20:  # torch does not say why; with this little left, a full disk is why
+                raise disk_full(path, "torch could not write the checkpoint") from None
+            raise DmgError(f"cannot write checkpoint {shorten(path, 200)}: torch's writer failed "
+                           f"({shorten(first_line(exc))}) with {free / 2**20:.0f} MB free there") from None
         seal(tmp)
 
 

@@ -131,10 +131,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
         except IsADirectoryError:
             raise DmgError(f"cannot write {shorten(path, 200)}: a folder of that name is in the way") from None
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            raise disk_full(path, exc.strerror) from None
         raise
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, quota exceeded
+
+
+def disk_full(path: str | Path, reason: str | None = None) -> DmgError:
+    """The one line for a write that ran out of space, with what is free there now."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    return DmgError(f"cannot write {shorten(path, 200)}: the disk is full ({reason or 'no space left'}; {free}); "
+                    f"free some space and run the command again")
 
 
 @contextlib.contextmanager

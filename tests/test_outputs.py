@@ -364,3 +364,56 @@ def test_check_finds_the_schedule_train_uses(tmp_path, monkeypatch, dataset, tar
     result = dmg("check", "--params", params)
     assert result.exit_code == 0, result.output
     assert f"ok: {dataset}, {len(targets) * 3} runs" in result.output and (tmp_path / "data/params.checked").exists()
+
+
+# --------------------------------------------------------------------------- 9. faults as one line
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+
+
+def fill_disk(monkeypatch, free: int = 1 << 20):
+    """Writes fail as on a full disk: torch.save and text files go to /dev/full (ENOSPC), and the
+    disk reports `free` bytes left."""
+    import torch
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full", *a, **k))
+
+    def write_text(self, text, *args, **kwargs):
+        with open("/dev/full", "w") as f:
+            f.write(text)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+
+
+@needs_dev_full
+def test_disk_full_in_train_says_disk_full(workdir, monkeypatch):
+    fill_disk(monkeypatch)
+    line = assert_clean_failure(workdir, *train_args(workdir / "run", "--source", "rot15"), pattern="the disk is full")
+    assert f"cannot write {workdir / 'run' / 'last.pt'}: the disk is full (torch could not write" in line
+    assert "1 MB free there now" in line
+
+
+@needs_dev_full
+def test_disk_full_in_evaluate_and_report_says_disk_full(workdir, finished_run, monkeypatch):
+    fill_disk(monkeypatch)
+    assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
+                         "--device", "cpu", "--out", workdir / "m.json", pattern="the disk is full")
+    assert_clean_failure(workdir, "report", "--no-figures", pattern="the disk is full")
+
+
+def test_nan_keep_probabilities_do_not_stop_the_draw():
+    import torch
+
+    from dmgcli.core import straight_through_bernoulli
+
+    masks = straight_through_bernoulli(torch.tensor([[float("nan"), 0.0, 1.0]]))
+    assert torch.isnan(masks[0, 0]) and masks[0, 1:].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("flags", [["--lr", "1e30", "--mask-lr", "1e30"],
+                                   ["--overlap-lambda", "1e30", "--mask-lr", "1e30"]])
+def test_dmg_divergence_is_reported_as_divergence(workdir, flags):
+    assert_clean_failure(workdir, "train", "--target", "rot0", "--method", "dmg", "--epochs", "1", "--device", "cpu",
+                         "--source", "rot15", "--out", workdir / "run", *flags, pattern="training diverged at epoch 1")
