@@ -96,6 +96,8 @@ def what_is(path: Path) -> str | None:
 
 def check_replaceable(path: str | Path) -> None:
     """Refuse an output path that holds anything but a regular file: dmg replaces files only."""
+    if not Path(path).name or Path(path).name == "..":
+        raise DmgError(f"cannot write {shorten(path, 200) or 'an empty path'}: not a file name (an empty --out?)")
     what = what_is(Path(path))
     if what:
         if what == "a folder":
@@ -111,8 +113,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The target must be absent or a regular file, checked before and again just before the rename.
     """
     path = Path(path)
-    if not path.name:
-        raise DmgError(f"cannot write {shorten(path, 200) or 'an empty path'}: not a file name")
     check_replaceable(path)
     make_dirs(path.parent)
     while True:

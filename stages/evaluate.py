@@ -90,6 +90,9 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     Under torchrun each process scores its share of every split and the counts are summed,
     so each sample counts once; rank 0 writes the files.
     """
+    if out is not None:  # before the work, not after it
+        check_replaceable(out)
+        check_replaceable(details_path(out))
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, train_params, params.average_over)
     folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
@@ -111,8 +114,8 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
             metrics["protocol"] = state["protocol"]
         path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
                                                   train_params.seed)
-        for target in (details_path(path), path):  # both files or neither
-            check_replaceable(target)
+        check_replaceable(path)
+        check_replaceable(details_path(path))  # both files or neither
         if proc.is_main:
             with run_lock(path, folder=False):  # one evaluation writes the pair at a time; details first
                 write_json(details_path(path), metrics)

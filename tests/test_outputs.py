@@ -417,3 +417,20 @@ def test_nan_keep_probabilities_do_not_stop_the_draw():
 def test_dmg_divergence_is_reported_as_divergence(workdir, flags):
     assert_clean_failure(workdir, "train", "--target", "rot0", "--method", "dmg", "--epochs", "1", "--device", "cpu",
                          "--source", "rot15", "--out", workdir / "run", *flags, pattern="training diverged at epoch 1")
+
+
+@pytest.mark.parametrize("change", [{"overlap_lambda": "0.1"}, {"epochs": None}, {"pretrained": "no"},
+                                    {"image_size": [16]}, "not a mapping"])
+def test_malformed_protocol_in_details_is_one_warning_line(workdir, finished_run, change):
+    from dmgcli.results import details_path
+
+    headline = workdir / "metrics/digits/convnet/aggregate/rot0/seed0.json"
+    assert dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
+               "--device", "cpu").exit_code == 0
+    details = json.loads(details_path(headline).read_text())
+    details["protocol"] = change if isinstance(change, str) else {**details["protocol"], **change}
+    details_path(headline).write_text(json.dumps(details))
+    result = dmg("report", "--no-figures")
+    assert result.exit_code == 0 and result.exception is None, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and "malformed protocol" in warnings[0] and "Traceback" not in result.output
