@@ -397,6 +397,8 @@ def test_disk_full_in_train_says_disk_full(workdir, monkeypatch):
 
 @needs_dev_full
 def test_disk_full_in_evaluate_and_report_says_disk_full(workdir, finished_run, monkeypatch):
+    assert dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
+               "--device", "cpu").exit_code == 0  # metrics to report
     fill_disk(monkeypatch)
     assert_clean_failure(workdir, "evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
                          "--device", "cpu", "--out", workdir / "m.json", pattern="the disk is full")
@@ -434,3 +436,16 @@ def test_malformed_protocol_in_details_is_one_warning_line(workdir, finished_run
     assert result.exit_code == 0 and result.exception is None, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and "malformed protocol" in warnings[0] and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- 7. a report of nothing is not written
+
+def test_report_with_a_missing_or_wrong_metrics_folder_writes_nothing(workdir, finished_run):
+    assert dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--run", finished_run,
+               "--device", "cpu").exit_code == 0
+    assert dmg("report", "--no-figures").exit_code == 0  # the real report
+    assert_clean_failure(workdir, "report", "--no-figures", "--metrics-dir", "metrcs",
+                         pattern="nothing to report: metrcs/digits does not exist; run `dmg evaluate` first")
+    (workdir / "other" / "digits").mkdir(parents=True)
+    assert_clean_failure(workdir, "report", "--no-figures", "--metrics-dir", "other",
+                         pattern="other/digits holds no seed<N>.json metrics files")
