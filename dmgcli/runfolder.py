@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -56,7 +57,10 @@ def _has_own_checkpoint(out: Path, aside: Path) -> bool:
     last, kept = out / "last.pt", aside / "last.pt"
     if not last.exists():
         return False
-    return not (kept.exists() and os.path.samefile(last, kept))
+    if not kept.exists():
+        return True
+    a, b = last.stat(), kept.stat()  # a hard link, or a copy (copy2 keeps the time; a new write does not)
+    return not (os.path.samestat(a, b) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns))
 
 
 def settle(out: Path, aside: Path) -> None:
@@ -89,7 +93,10 @@ def replacing(out: Path, link: bool, enabled: bool = True) -> Iterator[None]:
     for name in sorted(present, key=lambda n: n != "last.pt"):  # last.pt first: while it is still
         # here and not kept, settle takes it for the new run's own and drops the aside
         if link and name != "run.json":
-            os.link(out / name, aside / name)
+            try:
+                os.link(out / name, aside / name)
+            except OSError:  # a filesystem without hard links: a copy keeps the old bytes as well
+                shutil.copy2(out / name, aside / name)
         else:
             os.replace(out / name, aside / name)
     try:
