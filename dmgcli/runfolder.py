@@ -67,8 +67,9 @@ def settle(out: Path, aside: Path) -> None:
     """Drop the kept-aside run when the new one has a checkpoint of its own; else put it back."""
     if not _has_own_checkpoint(out, aside):
         # Until then the new run writes none of the run files (last.pt comes first in an
-        # epoch), so putting the kept ones back restores the old run exactly.
-        for name in RUN_FILES:
+        # epoch), so putting the kept ones back restores the old run exactly. last.pt goes back
+        # last: a kill on the way leaves it kept, and the next `recover` goes on restoring.
+        for name in sorted(RUN_FILES, key=lambda n: n == "last.pt"):
             if (aside / name).exists():
                 os.replace(aside / name, out / name)
     remove(aside)

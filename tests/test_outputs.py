@@ -449,3 +449,18 @@ def test_report_with_a_missing_or_wrong_metrics_folder_writes_nothing(workdir, f
     (workdir / "other" / "digits").mkdir(parents=True)
     assert_clean_failure(workdir, "report", "--no-figures", "--metrics-dir", "other",
                          pattern="other/digits holds no seed<N>.json metrics files")
+
+
+def test_a_restore_killed_half_way_is_finished_by_the_next_train(tmp_path):
+    """Kill -9 while the kept-aside run was being put back: last.pt is put back last, so the
+    next recovery still sees no checkpoint of the new run's own and finishes the restore."""
+    run = tmp_path / "run"
+    aside = run / marked("previous-run", dead_pid(), kind="old")
+    aside.mkdir(parents=True)
+    for name in ("last.pt", "log.csv"):
+        (aside / name).write_text(f"old {name}")
+    for name in ("run.json", "best.pt"):  # already put back
+        (run / name).write_text(f"old {name}")
+    recover(run)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.csv", "run.json"]
+    assert all((run / name).read_text() == f"old {name}" for name in ("best.pt", "last.pt", "log.csv", "run.json"))
