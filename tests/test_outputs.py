@@ -89,7 +89,7 @@ def test_train_into_the_current_folder_keeps_the_users_dot_files(workdir):
     for path in keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's")
-    result = dmg(*train_args("."))
+    result = dmg(*train_args(".", "--source", "rot15"))
     assert result.exit_code == 0, result.output
     assert all(p.read_text() == "the user's" for p in keep)
     assert {"best.pt", "last.pt", "log.csv", "run.json"} <= {p.name for p in workdir.iterdir()}
