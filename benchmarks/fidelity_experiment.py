@@ -243,7 +243,7 @@ def main() -> None:
         aug.CROP = args.crop  # the augmentations read it at call time
     info = get_dataset(args.dataset)
     h5 = require_h5(args.data_dir or params.data_dir, info.name)
-    schedule = params.train.schedules[info.name]
+    schedule = params.train.schedule_for(info.schedule_key)
     targets = args.targets or list(read_info(h5).domains)
     chosen = {k: v for k, v in variants(schedule).items() if not args.variants or k in args.variants}
     results = json.loads(args.out.read_text())["runs"] if args.out.exists() else []

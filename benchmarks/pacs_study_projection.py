@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dmgcli.datasets import get_dataset  # noqa: E402
 from dmgcli.h5data import SplitReader, read_info  # noqa: E402
 from dmgcli.params import load_params  # noqa: E402
 
 def method_epochs(params) -> dict[str, int]:
     """Epochs per method in the dataset's schedule (PACS: DMG 150, the baselines 100)."""
-    schedule = params.train.schedules[params.dataset]
+    schedule = params.train.schedule_for(get_dataset(params.dataset).schedule_key)
     return {"dmg": schedule.epochs, "aggregate": schedule.baseline_epochs, "multihead": schedule.baseline_epochs}
 
 

@@ -310,9 +310,11 @@ def report(
     from stages.report import FORMATS, paper_document, paper_table, render  # torch-free (dmgcli/results.py)
     from stages.report import report as run
 
-    from .fileio import write_text
+    from .fileio import check_replaceable, write_text
 
     params = load(params_file)
+    if out:
+        check_replaceable(out)  # before the report folder is written
     settings = override(params.report, format=fmt, figures=figures)
     if settings.format not in FORMATS:
         raise DmgError(f"unknown report format {settings.format!r}; valid: {', '.join(FORMATS)}")

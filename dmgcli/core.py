@@ -23,7 +23,10 @@ def straight_through_bernoulli(probs: torch.Tensor) -> torch.Tensor:
     Forward value: the binary sample. Backward: identity to `probs` (the straight-through
     estimator, `hard + p - p.detach()` in the reference code).
     """
-    hard = torch.bernoulli(probs.detach())
+    # NaN keep-probabilities (a diverged run) would stop torch.bernoulli with an error (a device
+    # assert on CUDA); drawn at 0.5 instead, the NaN still flows on through the bracket into the
+    # loss, and training ends with its "training diverged" message.
+    hard = torch.bernoulli(probs.detach().nan_to_num(0.5))
     return hard + (probs - probs.detach())  # the bracket is exactly 0 forward: the sample stays 0/1
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
+import os
 import random
 import re
+import shutil
 import time
 import warnings
 import zlib
@@ -23,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .checkpoint_values import check_values
 from .data import BatchStream
 from .errors import DmgError
-from .fileio import atomic_path, shorten
+from .fileio import atomic_path, disk_full, shorten
 from .methods import Method, MethodConfig
 from .params import Schedule
 
@@ -223,9 +227,61 @@ def correct_counts(method: Method, stream: BatchStream, augment, mode: str, grou
 
 
 def save_checkpoint(path, payload: dict) -> None:
-    """Atomic: a crash while saving keeps the previous checkpoint intact."""
+    """Atomic: a crash while saving keeps the previous checkpoint intact. Sealed with the
+    sha256 of its bytes (`seal`), so any later change to them is refused on loading."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's writer says "[enforce fail at inline_container.cc] unexpected pos"
+            if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            if free < 64 * 2**20:  # torch does not say why; with this little left, a full disk is why
+                raise disk_full(path, "torch could not write the checkpoint") from None
+            raise DmgError(f"cannot write checkpoint {shorten(path, 200)}: torch's writer failed "
+                           f"({shorten(first_line(exc))}) with {free / 2**20:.0f} MB free there") from None
+        seal(tmp)
+
+
+EOCD = b"PK\x05\x06"  # a zip's end-of-central-directory record: 22 bytes, the last 2 the comment's length
+SEAL_PREFIX = b"dmg-sha256:"
+SEAL_LENGTH = len(SEAL_PREFIX) + 64
+
+
+def seal(path: Path) -> None:
+    """Record the sha256 of a checkpoint as torch wrote it in the zip's comment field (which
+    torch.load, like any zip reader, skips): one file, so the digest cannot be separated from it."""
+    digest = hashlib.sha256()
+    with open(path, "r+b") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        f.seek(-22, os.SEEK_END)
+        end = f.read(22)
+        if end[:4] != EOCD or end[-2:] != b"\0\0":
+            raise RuntimeError(f"torch.save wrote an unexpected archive ending to {path}")
+        f.seek(-2, os.SEEK_END)
+        f.write(SEAL_LENGTH.to_bytes(2, "little") + SEAL_PREFIX + digest.hexdigest().encode())
+
+
+def seal_matches(path: Path) -> bool | None:
+    """True: the checkpoint's bytes are those it was sealed with. False: they are not (or the
+    seal itself is damaged). None: no seal (written by an older dmg, or not a dmg checkpoint)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 22 - SEAL_LENGTH))
+        tail = f.read()
+    if len(tail) == 22 + SEAL_LENGTH and tail[:4] == EOCD:  # sealed, or meant to be
+        if tail[20:22] != SEAL_LENGTH.to_bytes(2, "little") or not tail[22:].startswith(SEAL_PREFIX):
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            remaining = size - SEAL_LENGTH - 2
+            while remaining > 0 and (chunk := f.read(min(1 << 20, remaining))):
+                digest.update(chunk)
+                remaining -= len(chunk)
+        digest.update(b"\0\0")  # the comment length torch wrote
+        return digest.hexdigest().encode() == tail[22 + len(SEAL_PREFIX):]
+    return None
 
 
 CHECKPOINT_KEYS = ("identity", "config", "model", "epoch")  # best.pt and last.pt
@@ -246,6 +302,9 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     try:
         if path.stat().st_size == 0:
             raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
+        if seal_matches(path) is False:
+            raise DmgError(f"checkpoint {name} is damaged (its bytes differ from the sha256 it was saved with); "
+                           f"{advice}")
         damaged = damaged_member(path)
         if damaged:
             record = damaged.split("/", 1)[-1]  # torch names the archive's top folder after the file
@@ -279,6 +338,7 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
                        f"was it written by another version?")
     if "best" in keys and not (isinstance(ckpt["best"], dict) and "epoch" in ckpt["best"]):
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (malformed best); {advice}")
+    check_values(ckpt, name, keys, advice)
     return ckpt
 
 

@@ -19,7 +19,6 @@ name and renamed when complete, so a killed build leaves nothing that a re-run w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import h5py
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -39,6 +37,7 @@ from .data import DomainImages, epoch_permutation
 from .efficientnet import file_digest
 from .errors import DmgError
 from .fileio import atomic_path, run_lock, shorten
+from .fingerprint import data_record
 from .h5data import SplitReader, has_split, open_file, read_info
 
 FORMAT = 1  # of the cache file; part of the key
@@ -57,7 +56,7 @@ class TrunkKey:
     image_size: int | None  # train.image_size (None: the augmentation's 224)
     views: int  # augmented views per training image
     augmentation: str
-    dataset: str  # dataset_fingerprint of the HDF5 file
+    dataset: str  # fingerprint of the HDF5 file (dmgcli/fingerprint.py)
     format: int = FORMAT
 
 
@@ -70,29 +69,6 @@ def cache_path(data_dir: str | Path, dataset: str, backbone: str) -> Path:
     return Path(data_dir) / "features" / dataset / f"{backbone}.h5"
 
 
-def dataset_fingerprint(h5: str | Path) -> str:
-    """A cheap content fingerprint of a dmg HDF5 file: its root attributes and every split's
-    labels and per-image checksums (or, in version-1 files, its byte offsets / pixel count).
-    A re-preprocessed file with other images, splits or labels gets another fingerprint."""
-    digest = hashlib.sha256()
-    with open_file(h5) as f:
-        for name in sorted(f.attrs):
-            if name not in ("tool_version", "provenance"):
-                digest.update(f"{name}={f.attrs[name]}".encode())
-        info = read_info(h5)
-        for domain in info.domains:
-            for split in SPLITS:
-                if not has_split(f, domain, split):
-                    continue
-                group = f[f"{domain}/{split}"]
-                digest.update(f"{domain}/{split}".encode())
-                for field in ("labels", "crc32", "offsets"):
-                    if field in group:
-                        digest.update(np.ascontiguousarray(group[field][:]).tobytes())
-                digest.update(str(group["images"].shape).encode())
-    return digest.hexdigest()
-
-
 def trunk_key(config, augmentation: str, h5: Path, image_size: int | None, views: int) -> TrunkKey:
     """The key of the features a run with MethodConfig `config` trains on."""
     if not config.pretrained:
@@ -102,7 +78,7 @@ def trunk_key(config, augmentation: str, h5: Path, image_size: int | None, views
     mask_points = config.mask_points or backbone.default_mask_points
     cut = backbone.names[frozen_depth(backbone, mask_points)]
     weights = file_digest(imagenet_weights_file(config.backbone, config.pretrained_path))
-    return TrunkKey(config.backbone, cut, weights, image_size, views, augmentation, dataset_fingerprint(h5))
+    return TrunkKey(config.backbone, cut, weights, image_size, views, augmentation, data_record(h5)["fingerprint"])
 
 
 def view_seed(domain: str, split: str, index: int, view: int) -> int:

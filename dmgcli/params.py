@@ -248,6 +248,20 @@ class TrainParams:
                            f"valid: {', '.join(self.schedules)}")
 
 
+    def schedule_for(self, dataset_key: str) -> Schedule:
+        """The schedule a run trains with: `schedule` if set, else the dataset's entry (its schedule
+        key). `default` is a fine-tuning recipe (lr 1e-4): a run from scratch of a dataset on
+        `default` takes `scratch` instead, which is made for that. The one lookup train, check and
+        sweep share."""
+        key = self.schedule or dataset_key
+        if key == "default" and not self.pretrained and self.schedule is None and "scratch" in self.schedules:
+            key = "scratch"
+        if key not in self.schedules:
+            raise DmgError(f"params: train.schedules has no entry {key!r} (the schedule of {dataset_key}); "
+                           f"valid: {', '.join(self.schedules)}")
+        return self.schedules[key]
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 256
@@ -291,6 +305,10 @@ class Params:
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     datasets: dict[str, FolderDatasetParams] = field(default_factory=dict)  # one's own folder datasets, by name
+
+    def __post_init__(self):
+        for name, spec in self.datasets.items():  # as preprocess.image_size: smaller cannot be trained on
+            check_range(f"datasets.{name}.image_size", spec.image_size, minimum=8)
 
 
 def _describe(tp) -> str:
@@ -392,6 +410,19 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise DmgError(f"params: YAML aliases (*{shorten(event.anchor, 40)}) are not supported "
                            f"(line {event.start_mark.line + 1}); write the values out")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is an error (YAML keeps the last silently: a second `train:` section
+        would drop the whole first one)."""
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise DmgError(f"params: key {quote(key_node.value)} is given twice (lines {seen[key_node.value]} "
+                                   f"and {line}); keep one")
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -108,7 +108,7 @@ def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[
     unfinished = [(s, r.data.get("protocol")) for s, r in sorted(records.items()) if r.data.get("finished") is False]
     if unfinished:
         marks.append("unfinished run (" + ", ".join(
-            f"seed {s}: {p['epochs_run']} of {p['epochs']} epochs" if p else f"seed {s}" for s, p in unfinished) + ")")
+            f"seed {s}: {p.get('epochs_run', '?')} of {p['epochs']} epochs" if p else f"seed {s}" for s, p in unfinished) + ")")
     unknown = [s for s, r in sorted(records.items()) if "protocol" not in r.data]
     if unknown:
         marks.append("protocol unknown (seed " + ", ".join(map(str, unknown)) + ")")
@@ -180,10 +180,47 @@ def read_record(path: Path) -> dict:
             _number(data, *keys)
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"missing {'.'.join(keys)}") from None
-    if "protocol" in data and (not isinstance(data["protocol"], dict)
-                               or not set(PROTOCOL_KEYS + ("schedule_epochs",)) <= set(data["protocol"])):
-        raise ValueError("malformed protocol")
+    if "protocol" in data:
+        check_protocol(data["protocol"])
+    if details.exists():
+        check_pair(path, data)
     return data
+
+
+_INT, _NUMBER, _TEXT = (int,), (int, float), (str,)
+PROTOCOL_TYPES = {  # what the report reads of a protocol, and the types evaluate writes (None: may be null)
+    "pretrained": ((bool,), False), "weights": (_TEXT, True), "epochs": (_INT, False), "batch_size": (_INT, False),
+    "image_size": (_INT, False), "crop": (_INT, True), "overlap_lambda": (_NUMBER, False), "lr": (_NUMBER, False),
+    "mask_lr": (_NUMBER, False), "augmentation": (_TEXT, False), "precision": (_TEXT, False),
+    "selection": (_TEXT, False), "schedule_epochs": (_INT, True), "epochs_run": (_INT, True)}
+
+
+def check_protocol(protocol) -> None:
+    """ValueError naming the first key of a run's protocol that is missing or of the wrong type."""
+    if not isinstance(protocol, dict):
+        raise ValueError("malformed protocol (not a mapping)")
+    for key, (kinds, nullable) in PROTOCOL_TYPES.items():
+        if key not in protocol and key == "epochs_run":
+            continue  # protocols written before it was recorded
+        value = protocol.get(key)
+        ok = (value is None and nullable and key in protocol) or (
+            isinstance(value, kinds) and (kinds == (bool,) or not isinstance(value, bool)))
+        if not ok:
+            raise ValueError(f"malformed protocol ({key}: {str(value)[:40]!r})" if key in protocol
+                             else f"malformed protocol (no {key})")
+
+
+def check_pair(path: Path, details: dict) -> None:
+    """The headline must be exactly what its details give (evaluate writes the details first,
+    then the headline from them): else the two files come from different evaluations (one
+    killed between its two writes, or two at once) and DVC would show other numbers than the report."""
+    try:
+        expected = headline(details)
+    except (KeyError, TypeError):
+        raise ValueError(f"{details_path(path).name}: missing selection or accuracies") from None
+    if _read_json(path) != expected:
+        raise ValueError(f"{path.name} does not match {details_path(path).name} beside it (written by different "
+                         f"evaluations: one interrupted, or two at once); run `dmg evaluate` for it again")
 
 
 def check_cell(record: Record, dataset: str, cell: tuple[str, str, str], seed: int, seeds: dict[int, Record]) -> None:

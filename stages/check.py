@@ -55,9 +55,7 @@ def check(params: Params) -> str:
         raise DmgError("params: matrix.seeds is empty; the pipeline would run nothing")
     if len(set(matrix.seeds)) != len(matrix.seeds):
         raise DmgError(f"params: matrix.seeds repeats a seed: {list(matrix.seeds)}")
-    schedule = params.train.schedules.get(info.name)
-    if schedule is None:
-        raise DmgError(f"params: train.schedules has no entry for dataset {info.name!r}")
+    schedule = params.train.schedule_for(info.schedule_key)  # the lookup train makes
     make_scheduler([torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)], schedule)
     if params.train.precision not in PRECISIONS:
         raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, got {params.train.precision!r}")

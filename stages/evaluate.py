@@ -31,7 +31,8 @@ from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
 from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
 from dmgcli.errors import DmgError
-from dmgcli.fileio import read_record, write_json
+from dmgcli.fileio import check_replaceable, read_record, run_lock, write_json
+from dmgcli.fingerprint import check_same_data, data_record, require_images
 from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
 from dmgcli.params import EvaluateParams, TrainParams
@@ -89,13 +90,21 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
     Under torchrun each process scores its share of every split and the counts are summed,
     so each sample counts once; rank 0 writes the files.
     """
+    if out is not None:  # before the work, not after it
+        check_replaceable(out)
+        check_replaceable(details_path(out))
     h5 = require_h5(data_dir, info.name)
     spec = make_spec(info, h5, train_params, params.average_over)
     folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
                                            train_params.target, train_params.seed)
     state = run_state(folder, info, train_params, run, allow_unfinished)
     ckpt = load_checkpoint(folder / "best.pt")
-    check_identity(ckpt, spec, folder / "best.pt")
+    check_identity(ckpt, spec, folder / "best.pt", advice="evaluate it with the settings it was trained with "
+                   "(--dataset, --target, --source, --backbone, --method), or name another run with --run")
+    data = data_record(h5)
+    check_same_data(ckpt.get("data", state.get("data")), data, h5, folder)
+    require_images(data, [spec.target], ("test",), "evaluation")
+    require_images(data, spec.sources, (info.in_domain_split,), "in-domain evaluation")
     with distributed.session(resolve_device(params.device)) as (proc, device):
         metrics = _evaluate(info, Path(data_dir), h5, spec, ckpt, folder, train_params, params, device)
         best = state["best"]
@@ -105,12 +114,12 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
             metrics["protocol"] = state["protocol"]
         path = Path(out) if out else metrics_path(metrics_dir, info.name, metrics["backbone"], spec.method, spec.target,
                                                   train_params.seed)
-        for target in (details_path(path), path):  # both files or neither
-            if target.is_dir():
-                raise DmgError(f"cannot write {target}: a folder of that name is in the way")
+        check_replaceable(path)
+        check_replaceable(details_path(path))  # both files or neither
         if proc.is_main:
-            write_json(details_path(path), metrics)
-            write_json(path, headline(metrics))
+            with run_lock(path, folder=False):  # one evaluation writes the pair at a time; details first
+                write_json(details_path(path), metrics)
+                write_json(path, headline(metrics))
     return metrics
 
 

@@ -276,11 +276,24 @@ def index_page(dataset: str, doc: Document, paper_numbers: tuple[int, ...], figu
     return "\n".join(lines)
 
 
+def check_something_to_report(doc: Document, root: Path, data_dir: str | Path) -> None:
+    """Refuse to write (and so replace) a report of nothing: no metrics file of the dataset was
+    found (a missing or mistyped metrics folder) and there is no lambda_O sweep to show."""
+    from dmgcli.results import summary_path
+
+    if doc.count or doc.skipped or summary_path(data_dir, doc.runs.dataset).exists():
+        return
+    where = f"{root} does not exist" if not root.is_dir() else f"{root} holds no seed<N>.json metrics files"
+    raise DmgError(f"nothing to report: {where}; run `dmg evaluate` first, or pass --metrics-dir FOLDER "
+                   f"(nothing was written)")
+
+
 def report(dataset: str, matrix: MatrixParams, metrics_dir: str | Path = "metrics", out_dir: str | Path = "reports",
            data_dir: str | Path = "data", figures: bool = True) -> Document:
     """The report stage: write reports/<dataset>/ (tables, paper tables, figures, index.md)."""
     info = get_dataset(dataset)
     doc = default_document(info.name, matrix, metrics_dir)
+    check_something_to_report(doc, Path(metrics_dir) / info.name, data_dir)
     folder = Path(out_dir) / info.name
     write_formats(folder / "tables", doc)
     numbers = PAPER_TABLES_OF.get(info.name, ())

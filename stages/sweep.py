@@ -26,7 +26,7 @@ from dmgcli.params import EvaluateParams, SweepParams, TrainParams
 from dmgcli.results import SWEEP_MEASURES as MEASURES
 from dmgcli.results import stat, summary_markdown, summary_path, sweep_dir  # noqa: F401 - re-exported
 from stages.evaluate import evaluate
-from stages.train import schedule_of, train
+from stages.train import train
 
 
 def mean_pairwise_iou(masks: dict) -> float:
@@ -75,7 +75,7 @@ def sweep(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams, ev
     """Train and evaluate DMG on the grid; writes and returns the summary (sweep.json)."""
     check_settings(info, settings)
     folder = sweep_dir(data_dir, info.name)
-    schedule = schedule_of(info, train_params)
+    schedule = train_params.schedule_for(info.schedule_key)
     # the epochs every point trains for (DMG's schedule unless set), so the summary can say it
     epochs = settings.epochs or train_params.epochs or schedule.epochs
     points = []

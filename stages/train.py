@@ -29,16 +29,18 @@ from dmgcli import augment as aug
 from dmgcli import distributed
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import LAST_CHECKPOINT_KEYS
+from dmgcli.engine import LAST_CHECKPOINT_KEYS, first_line
 from dmgcli.engine import (autocast_for, correct_counts, load_checkpoint, load_model_state, make_scheduler, place,
                            resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                            train_one_epoch, training_objective)
 from dmgcli.errors import DmgError
-from dmgcli.fileio import run_lock, write_json, write_text
+from dmgcli.fileio import run_lock, shorten, write_json, write_text
+from dmgcli.fingerprint import check_same_data, data_record, recorded, require_images
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli import features
 from dmgcli.methods import Method, MethodConfig, build_method, reference_head_init
 from dmgcli.params import TrainParams
+from dmgcli.runfolder import check_run_folder, recover, replacing
 
 
 @dataclass(frozen=True)
@@ -74,24 +76,12 @@ def choose_sources(domains: tuple[str, ...], target: str, sources: tuple[str, ..
     return tuple(sources)
 
 
-def schedule_of(info: DatasetInfo, params: TrainParams):
-    """The schedule a run trains with: train.schedule if set, else the dataset's entry of
-    train.schedules. `default` is a fine-tuning recipe (lr 1e-4): a run from scratch of a
-    dataset on `default` takes `scratch` instead, which is made for that."""
-    key = params.schedule or info.schedule_key
-    if key == "default" and not params.pretrained and params.schedule is None and "scratch" in params.schedules:
-        key = "scratch"
-    if key not in params.schedules:
-        raise DmgError(f"params: train.schedules has no entry {key!r} (the schedule of {info.name})")
-    return params.schedules[key]
-
-
 def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: str = "logits") -> RunSpec:
     file_info = read_info(h5)
     if params.target not in file_info.domains:
         raise DmgError(f"target {params.target!r} is not a domain of {h5}; valid: {', '.join(file_info.domains)}")
     sources = choose_sources(file_info.domains, params.target, params.sources)
-    schedule = schedule_of(info, params)
+    schedule = params.schedule_for(info.schedule_key)
     config = MethodConfig(
         backbone=params.backbone, num_classes=len(file_info.classes), num_domains=len(sources),
         pretrained=params.pretrained, pretrained_path=params.pretrained_path, mask_points=params.mask_points,
@@ -123,13 +113,13 @@ def check_settings(checkpoint: dict, settings: dict, path: Path) -> None:
                            f"resume with the same settings or use another output folder")
 
 
-def check_identity(checkpoint: dict, spec: RunSpec, path: Path) -> None:
+def check_identity(checkpoint: dict, spec: RunSpec, path: Path,
+                   advice: str = "use another output folder or drop --resume") -> None:
     """Refuse a checkpoint of another backbone, method or domain set."""
     saved = checkpoint.get("identity", {})
     for key, value in spec.identity().items():
         if saved.get(key) != value:
-            raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; "
-                           f"use another output folder or drop --resume")
+            raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; {advice}")
 
 
 def per_process_batch(batch_size: int, world: int) -> int:
@@ -191,16 +181,23 @@ def restore(path: Path, spec: RunSpec, settings: dict, method: Method, scheduler
     best_path = path.parent / "best.pt"
     if proc.is_main and ckpt["best"]["epoch"] == ckpt["epoch"] and (
             not best_path.exists() or load_checkpoint(best_path).get("epoch") != ckpt["epoch"]):
-        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol")
+        save_checkpoint(best_path, {k: ckpt[k] for k in ("identity", "config", "model", "epoch", "protocol", "data")
                                     if k in ckpt})
     load_model_state(method, ckpt["model"], path)
-    for opt, state in zip(method.optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
-    scheduler.load_state_dict(ckpt["scheduler"])
+    if len(ckpt["optimizers"]) != len(method.optimizers):
+        raise DmgError(f"checkpoint {path} holds {len(ckpt['optimizers'])} optimizer states, this run has "
+                       f"{len(method.optimizers)}; was it written by another dmg?")
     states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per process
-    if len(states) == proc.world:
-        set_rng_state(states[proc.rank])
-    else:
+    try:  # values a dmg checkpoint does not hold (extra param groups, a short RNG state) end here
+        for opt, state in zip(method.optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if len(states) == proc.world:
+            set_rng_state(states[proc.rank])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        raise DmgError(f"checkpoint {path} holds a training state this run cannot use "
+                       f"({shorten(first_line(exc))}); delete it, or train again without --resume") from None
+    if len(states) != proc.world:
         if proc.is_main:
             print(f"note: {path} was written by {len(states)} processes, resumed with {proc.world}: random streams "
                   f"re-seeded, so the run will not repeat an uninterrupted one exactly", flush=True)
@@ -241,18 +238,12 @@ def run_protocol(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams
             "dmg_version": dmgcli.__version__, "git_commit": git_commit()}
 
 
-def check_run_folder(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to replace a finished run (run.json present) unless asked: it may be a pipeline output."""
-    if (out / "run.json").exists() and not (resume or force):
-        raise DmgError(f"{out} holds a finished run (run.json); --resume continues it, --force replaces it, "
-                       f"--out FOLDER trains elsewhere")
-
-
 def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir: str | Path | None = None,
           resume: bool = False, quiet: bool = False, force: bool = False) -> Path:
     """Train one run; returns its folder (best.pt, last.pt, log.csv, run.json).
 
-    A folder holding a finished run is refused unless resume (continue it) or force (replace it).
+    A folder holding a run is refused unless resume (continue it) or force (replace it); the run
+    they change is kept aside until the new process has a checkpoint (dmgcli/runfolder.py).
     Under torchrun every process calls this; only rank 0 writes files and prints.
     """
     h5 = require_h5(data_dir, info.name)
@@ -263,7 +254,11 @@ def train(info: DatasetInfo, data_dir: str | Path, params: TrainParams, out_dir:
     autocast_for(torch.device("cpu"), params.precision)  # rejects an unknown precision before any work
     with distributed.session(resolve_device(params.device)) as (proc, device):
         with run_lock(out, enabled=proc.is_main):  # one writer per run folder; clears a killed run's temp files
-            return _train(info, Path(data_dir), h5, spec, params, out, device, proc, resume, quiet)
+            if proc.is_main:
+                recover(out)  # what a killed --force or --resume kept aside
+                check_run_folder(out, resume, force)
+            with replacing(out, link=resume, enabled=proc.is_main and (resume or force)):
+                return _train(info, Path(data_dir), h5, spec, params, out, device, proc, resume, quiet)
 
 
 def trunk_cache(info: DatasetInfo, data_dir: Path, h5: Path, config: MethodConfig, params: TrainParams,
@@ -283,10 +278,12 @@ def trunk_cache(info: DatasetInfo, data_dir: Path, h5: Path, config: MethodConfi
 
 def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: TrainParams, out: Path,
            device: torch.device, proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
-    schedule = schedule_of(info, params)
+    schedule = params.schedule_for(info.schedule_key)
     epochs = params.epochs if params.epochs is not None else (
         schedule.epochs if params.method == "dmg" else schedule.baseline_epochs)
     batch_size = per_process_batch(params.batch_size, proc.world)
+    data = data_record(h5)  # the file the run trains on (recorded); empty splits refused before any work
+    require_images(data, spec.sources, ("train", "val"), "training")
     if params.frozen_trunk:  # before seeding: building a trunk draws initial weights from the global RNG
         key, cache = trunk_cache(info, data_dir, h5, spec.config, params, device, proc, quiet)
 
@@ -308,16 +305,13 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
     last_path = out / "last.pt"
     if resume and last_path.exists():
         ckpt = restore(last_path, spec, settings, method, scheduler, proc, params.seed)
+        check_same_data(ckpt.get("data"), data, h5, out)
         start_epoch, best, rows = ckpt["epoch"], ckpt["best"], ckpt["log"]
     objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
     precision = params.precision if device.type == "cuda" else "fp32"
     protocol = run_protocol(info, h5, spec, params, schedule, epochs, precision)
-    if proc.is_main:
+    if proc.is_main:  # run.json of a run being replaced or continued is kept aside (train())
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").unlink(missing_ok=True)  # the folder holds an unfinished run until the end
-        if start_epoch == 0:  # a fresh start (--force, or an unfinished folder without --resume)
-            for name in ("log.csv", "best.pt"):
-                (out / name).unlink(missing_ok=True)
 
     for epoch in range(start_epoch, epochs):
         stats = train_one_epoch(method, train_stream, train_aug, params.seed, epoch, scheduler,
@@ -342,7 +336,7 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
                   f"{stats.images_per_second:.0f} img/s", flush=True)
         # "epoch" = epochs completed (1-based, as in log.csv and run.json)
         payload = {"identity": spec.identity(), "config": dataclasses.asdict(spec.config), "model": method.state_dict(),
-                   "epoch": epoch + 1, "protocol": {**protocol, "epochs_run": epoch + 1}}
+                   "epoch": epoch + 1, "protocol": {**protocol, "epochs_run": epoch + 1}, "data": recorded(data)}
         save_checkpoint(last_path, {**payload, "best": best, "log": rows, "settings": settings,
                                     "optimizers": [o.state_dict() for o in method.optimizers],
                                     "scheduler": scheduler.state_dict(), "rng": rng})
@@ -358,5 +352,5 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
                                       "schedule": dataclasses.asdict(schedule), "device": str(device),
                                       "processes": proc.world, "batch_size": params.batch_size,
                                       "precision": precision, "torch": torch.__version__,
-                                      "protocol": {**protocol, "epochs_run": len(rows)}})
+                                      "protocol": {**protocol, "epochs_run": len(rows)}, "data": recorded(data)})
     return out

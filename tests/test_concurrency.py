@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import REPO, write_params
 from dmgcli.cli import app
 from dmgcli.errors import DmgError
-from dmgcli.fileio import run_lock
+from dmgcli.fileio import HOST, MARKER, run_lock
 from test_engine import run_until, train_command
 
 runner = CliRunner()
@@ -35,6 +35,18 @@ def hold_lock(target, folder: bool = True) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (not reused this soon on a machine this idle)."""
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def marked(name: str, pid: int, kind: str = "tmp", host: str = HOST) -> str:
+    """The temporary name dmg gives `name` in process `pid` (dmgcli/fileio.py temp_name)."""
+    return f".{name}.{MARKER}-{pid}-{host}-0badc0de.{kind}"
 
 
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
@@ -87,17 +99,22 @@ def test_second_preprocess_and_download_are_refused(tmp_path, monkeypatch):
 
 
 def test_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
-    """Temporary files as a kill -9 mid-write leaves them: atomic writes, download staging."""
+    """Temporary files as a kill -9 mid-write leaves them (atomic writes, staging folders), and
+    only those: marked names of dead dmg processes on this host."""
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     raw, prepared = tmp_path / "data" / "raw" / "digits", tmp_path / "data" / "prepared"
     assert runner.invoke(app, ["download", "digits"]).exit_code == 0
     prepared.mkdir(parents=True)
-    debris = [raw / ".fetch.k3j2.tmp" / "unpacked" / "x.jpg", raw / ".MANIFEST.json.a8f1.tmp",
-              raw / ".images.old.4242" / "y.jpg", prepared / ".digits.h5.q9w8.tmp",
-              prepared / ".digits.report.json.z1x2.tmp"]
-    # another output's temporary file, and a transfer to resume: both kept
-    keep = [prepared / ".pacs.h5.q9w8.tmp", raw / "downloads" / "pacs.zip.part"]
+    dead = dead_pid()
+    debris = [raw / marked("fetch", dead) / "unpacked" / "x.jpg", raw / marked("MANIFEST.json", dead),
+              raw / marked("images", dead) / "y.jpg", prepared / marked("digits.h5", dead),
+              prepared / marked("digits.report.json", dead)]
+    # another output's temporary file, a live writer's, another host's, a transfer to resume,
+    # and names of the user's that look like temporaries: all kept
+    keep = [prepared / marked("pacs.h5", dead), prepared / marked("digits.h5", os.getpid()),
+            prepared / marked("digits.h5", dead, host="0123abcd"), raw / "downloads" / "pacs.zip.part",
+            raw / ".notes.tmp", raw / ".images.old.4242" / "y.jpg", prepared / ".digits.h5.q9w8.tmp"]
     for path in debris + keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")
@@ -105,8 +122,9 @@ def test_rerun_removes_what_killed_runs_left(tmp_path, monkeypatch):
         result = runner.invoke(app, [command, "digits"])
         assert result.exit_code == 0, result.output
     assert not [p for p in debris if p.exists()] and all(p.exists() for p in keep)
-    assert sorted(p.name for p in raw.iterdir()) == ["digits.csv.gz", "downloads"]
-    assert sorted(p.name for p in prepared.iterdir()) == [".pacs.h5.q9w8.tmp", "digits.h5", "digits.report.json"]
+    assert sorted(p.name for p in raw.iterdir()) == [".images.old.4242", ".notes.tmp", "digits.csv.gz", "downloads"]
+    assert sorted(p.name for p in prepared.iterdir()) == sorted([p.name for p in keep if p.parent == prepared]
+                                                                + ["digits.h5", "digits.report.json"])
 
 
 @pytest.mark.slow  # a subprocess trains (about 30 s on 2 busy cores)
@@ -115,8 +133,8 @@ def test_killed_training_rerun_cleans_its_debris_and_resumes(digits_dir, tmp_pat
     killed = run_until(train_command(params, out, 2), REPO, out / "log.csv", rows=1, sig=signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     # what a kill during a checkpoint write leaves (the kill above may or may not have hit one)
-    for name in (".last.pt.x7y6z5.tmp", ".best.pt.a1b2c3.tmp", ".log.csv.d4e5f6.tmp"):
-        (out / name).write_bytes(b"half a checkpoint")
+    for name in ("last.pt", "best.pt", "log.csv"):
+        (out / marked(name, dead_pid())).write_bytes(b"half a checkpoint")
     assert (out / ".dmg.lock").exists(), "the killed run's lock file stays, unlocked"
     result = runner.invoke(app, train_command(params, out, 2, "--resume")[3:])
     assert result.exit_code == 0, result.output
