@@ -57,11 +57,6 @@ def check_seeds(key: str, seeds) -> None:
             raise DmgError(f"params: {key} must be in [0, 2^32), got {quote(seed)}")
 
 
-def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise DmgError(f"params: {key} must be one of {', '.join(valid)}, got {value!r}")
-
-
 RESIDENT_MODES = ("auto", "always", "never")  # train.resident; see dmgcli/data.py
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
