@@ -200,18 +200,19 @@ def submit(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params
     with run_lock(folder / RECORDS, folder=False):  # two submitters would each submit every run
         records = load_records(folder)
         active = active_jobs(records)
-        todo, done = [], 0
+        todo, done, waiting = [], 0, 0
         for run in runs:
             state = run_state(data_dir, info.name, run, evaluate)
             if state == FINISHED:
                 done += 1
                 continue
             if run.name in active:
+                waiting += 1
                 progress(f"study: {run.name} is {active[run.name].lower()} as job {records[run.name]['job']}; "
                          f"not submitted again")
             else:
                 todo.append((run, state))
-        progress(f"study: {len(runs)} runs of {info.name}: {done} finished, {len(active)} queued or running, "
+        progress(f"study: {len(runs)} runs of {info.name}: {done} finished, {waiting} queued or running, "
                  f"{len(todo)} to submit")
         if not todo:
             return {}
