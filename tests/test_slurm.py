@@ -8,7 +8,7 @@ before its end) and kill its job, see `--status` report it failed, submit again 
 goes, and resumes its last.pt), and check that both runs end with the metrics of the same runs
 made by a local `dmg study`. Nothing here depends on speed: waits poll files and the scheduler
 with generous time limits, and the job to kill is frozen (SIGSTOP) at a moment its files show
-to be mid-run.
+to be mid-run. On SLURM the other run is requeued mid-run as a preemption would, and resumes.
 """
 import json
 import os
@@ -127,17 +127,28 @@ def freeze_mid_run(folder: Path, target: str) -> int:
     return wait_for(frozen, WAIT, f"{target}'s training to write its first checkpoint", poll=0.05)
 
 
-def scenario(folder: Path, reference: dict, submit, kill) -> None:
-    """The whole story for one launcher; `submit()` returns the submitter's output, `kill(job)` kills a job."""
+def job_log(folder: Path, target: str) -> str:
+    record = json.loads((folder / "data" / "study" / "digits" / "jobs.json").read_text())["runs"]
+    return Path(record[f"convnet-aggregate-{target}-seed0"]["log"]).read_text()
+
+
+def scenario(folder: Path, reference: dict, submit, kill, preempt=None) -> None:
+    """The whole story for one launcher; `submit()` returns the submitter's output, `kill(job)`
+    kills a job, `preempt(job)` (if given) has the scheduler stop and requeue one."""
     output = submit()
     assert output.count("as job") == 2 and output.count("_log.out") == 2, output
     again = submit()  # the jobs are queued or running: nothing is submitted twice
     assert "0 to submit" in again and again.count("not submitted again") == 2, again
 
-    frozen = freeze_mid_run(folder, "rot15")
+    preempted = freeze_mid_run(folder, "rot0") if preempt else None
+    killed = freeze_mid_run(folder, "rot15")
     records = json.loads((folder / "data" / "study" / "digits" / "jobs.json").read_text())["runs"]
     kill(records["convnet-aggregate-rot15-seed0"]["job"])
-    wait_for(lambda: not study_slurm.alive(frozen), WAIT, "the killed job's training to end")
+    if preempt:  # requeued by the scheduler, the same job starts again and resumes its last.pt
+        preempt(records["convnet-aggregate-rot0-seed0"]["job"])
+        wait_for(lambda: statuses(folder)["rot0"][0] == "finished", WAIT, "the preempted run to finish")
+        assert not study_slurm.alive(preempted) and "--resume" in job_log(folder, "rot0")
+    wait_for(lambda: not study_slurm.alive(killed), WAIT, "the killed job's training to end")
     now = wait_for(lambda: settled(folder), WAIT, "the first study's jobs to end")
     assert now["rot0"][0] == "finished" and now["rot15"][0] == "failed", now
     assert not (run_folder(folder, "rot15") / "run.json").exists()
@@ -150,9 +161,7 @@ def scenario(folder: Path, reference: dict, submit, kill) -> None:
     assert "submitted convnet-aggregate-rot15-seed0" in output and "(resumes its last.pt)" in output, output
     now = wait_for(lambda: settled(folder), WAIT, "the resubmitted job to end")
     assert {t: s for t, (s, _) in now.items()} == {"rot0": "finished", "rot15": "finished"}, now
-    log = Path(json.loads((folder / "data" / "study" / "digits" / "jobs.json").read_text())
-               ["runs"]["convnet-aggregate-rot15-seed0"]["log"]).read_text()
-    assert "--resume" in log
+    assert "--resume" in job_log(folder, "rot15")
     for target in TARGETS:
         assert outcome(folder, target) == reference[target], target
 
@@ -301,7 +310,8 @@ def slurm_cluster(tmp_path_factory):
 
 
 def test_slurm_study_skips_resubmits_and_resumes(slurm_cluster, digits_dir, reference, tmp_path, monkeypatch):
-    """`dmg study --launcher slurm` on the real one-node cluster; scancel kills a job mid-run."""
+    """`dmg study --launcher slurm` on the real one-node cluster: scancel kills one job mid-run,
+    `scontrol requeue` preempts the other, which starts again and resumes."""
     project(digits_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
@@ -316,6 +326,13 @@ def test_slurm_study_skips_resubmits_and_resumes(slurm_cluster, digits_dir, refe
     def scancel(job):
         subprocess.run(["scancel", job], env=slurm_cluster, check=True)
 
-    scenario(tmp_path, reference, submit, scancel)
+    def requeue(job):
+        """What SLURM does to a preempted job (PreemptMode=REQUEUE), without the usual wait
+        before a requeued job may start again."""
+        subprocess.run(["scontrol", "requeue", job], env=slurm_cluster, check=True)
+        wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=slurm_cluster,
+                                        capture_output=True).returncode == 0, 60, f"job {job} to be pending again")
+
+    scenario(tmp_path, reference, submit, scancel, preempt=requeue)
     script = next((tmp_path / "data" / "study" / "digits" / "jobs").glob("*_submission.sh")).read_text()
     assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1G" in script and "--array=" in script
