@@ -122,19 +122,25 @@ def run_commands(run: StudyRun, state: str, dataset: str, params_file: str | Pat
 
 
 PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child: loading a library there could deadlock on a lock
+# another thread of the parent held at the fork.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
-def die_with_parent() -> None:
-    """preexec_fn of every child: the kernel sends it SIGTERM when the study dies, even by SIGKILL."""
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the study died before prctl took effect
-        os._exit(1)
+def die_with_this_process() -> Callable[[], None]:
+    """A preexec_fn for a child: the kernel sends it SIGTERM when this process dies, even by SIGKILL."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # this process died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 def start(command: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_this_process())
 
 
 def stop(processes: list[subprocess.Popen]) -> None:

@@ -35,8 +35,8 @@ from dmgcli.datasets import DatasetInfo
 from dmgcli.errors import DmgError
 from dmgcli.fileio import read_json, run_lock, write_json
 from dmgcli.params import MatrixParams, StudyParams
-from stages.study import (FINISHED, INTERRUPTED, TRAINED, StudyRun, check_matrix, die_with_parent, last_line,
-                          run_commands, run_state)
+from stages.study import (FINISHED, INTERRUPTED, TRAINED, StudyRun, check_matrix, die_with_this_process,
+                          last_line, run_commands, run_state)
 
 RECORDS = "jobs.json"
 
@@ -64,7 +64,7 @@ class RunJob(submitit.helpers.Checkpointable):
         for command in run_commands(self.run, state, self.dataset, self.params_file, self.device,
                                     self.train_flags, self.evaluate):
             print(f"$ {shlex.join(command)}", flush=True)
-            code = subprocess.run(command, cwd=cwd, preexec_fn=die_with_parent).returncode
+            code = subprocess.run(command, cwd=cwd, preexec_fn=die_with_this_process()).returncode
             if code != 0:
                 raise RuntimeError(f"dmg {command[3]} of {self.run.name} exited with code {code}")
         return state

@@ -27,7 +27,7 @@ from dmgcli.cli import app
 from dmgcli.datasets import get_dataset
 from dmgcli.params import MatrixParams, StudyParams
 from stages import study_slurm
-from stages.study import die_with_parent
+from stages.study import die_with_this_process
 
 EPOCHS = 3
 TARGETS = ("rot0", "rot15")
@@ -275,7 +275,7 @@ def slurm_cluster(tmp_path_factory):
         for command in commands:
             with open(root / f"{Path(command[0]).name}.out", "w") as out:
                 daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                preexec_fn=die_with_parent))
+                                                preexec_fn=die_with_this_process()))
             time.sleep(1)
             if daemons[-1].poll() is not None:
                 pytest.skip(f"{Path(command[0]).name} did not start (exit {daemons[-1].returncode}): "
