@@ -88,9 +88,12 @@ class Slurm:
     """Jobs of a SLURM cluster: submitted by submitit's SlurmExecutor, watched with squeue, cancelled with scancel."""
     name = "slurm"
 
+    def check(self) -> None:
+        for tool in ("sbatch", "squeue"):
+            if shutil.which(tool) is None:
+                raise DmgError(f"study: {tool} not found: `--launcher slurm` runs on a SLURM login node")
+
     def executor(self, folder: Path, settings: StudyParams, job_name: str):
-        if shutil.which("sbatch") is None:
-            raise DmgError("study: sbatch not found: `--launcher slurm` runs on a SLURM login node")
         executor = submitit.SlurmExecutor(folder, max_num_timeout=settings.timeout_requeues)
         executor.update_parameters(
             job_name=job_name, time=settings.time_min, partition=settings.partition,
@@ -118,6 +121,9 @@ class Slurm:
 class LocalProcesses:
     """The same jobs as processes of this machine, through submitit's LocalExecutor (a job id is a pid)."""
     name = "submitit-local"
+
+    def check(self) -> None:
+        pass
 
     def executor(self, folder: Path, settings: StudyParams, job_name: str):
         executor = submitit.LocalExecutor(folder, max_num_timeout=settings.timeout_requeues)
@@ -196,6 +202,7 @@ def submit(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params
     """Submit one job per run that is neither finished nor queued/running; returns run name -> job id."""
     runs = check_matrix(info, matrix)
     scheduler = SCHEDULERS[launcher]
+    scheduler.check()  # before anything is written
     folder = study_folder(data_dir, info.name)
     with run_lock(folder / RECORDS, folder=False):  # two submitters would each submit every run
         records = load_records(folder)

@@ -192,6 +192,21 @@ def test_local_executor_study_skips_resubmits_and_resumes(digits_dir, reference,
              "the cancelled job to show as failed")
 
 
+def test_without_slurm_the_launcher_says_so_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-such-folder"))  # no sbatch, no squeue
+    result = CliRunner().invoke(app, ["study", "--launcher", "slurm", "--target", "rot0", "--method", "dmg"])
+    assert result.exit_code == 1 and "sbatch not found" in result.output, result.output
+    assert not (tmp_path / "data").exists()
+    result = CliRunner().invoke(app, ["study", "--launcher", "pbs"])
+    assert result.exit_code == 1 and "unknown launcher 'pbs'; valid: local, slurm" in result.output
+    result = CliRunner().invoke(app, ["study", "--status", "--cancel"])
+    assert result.exit_code == 1 and "exclude each other" in result.output
+    result = CliRunner().invoke(app, ["study", "--cancel", "--target", "rot0"])  # no jobs recorded
+    assert result.exit_code == 0 and "0 jobs cancelled; none was queued or running" in result.output
+
+
 # --- a real one-node SLURM cluster -------------------------------------------------------------
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel")
@@ -336,3 +351,16 @@ def test_slurm_study_skips_resubmits_and_resumes(slurm_cluster, digits_dir, refe
     scenario(tmp_path, reference, submit, scancel, preempt=requeue)
     script = next((tmp_path / "data" / "study" / "digits" / "jobs").glob("*_submission.sh")).read_text()
     assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1G" in script and "--array=" in script
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"nodes": 2}, "unknown key 'study.nodes'"),
+    ({"gpus": -1}, "study.gpus must be at least 0"),
+    ({"time_min": 0}, "study.time_min must be at least 1"),
+    ({"extra": {"account": 7}}, "study.extra.account must be a string"),
+])
+def test_the_study_section_is_checked_like_every_other(tmp_path, monkeypatch, section, message):
+    write_params(tmp_path, study=section)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["study", "--status"])
+    assert result.exit_code == 1 and message in result.output, result.output
