@@ -371,7 +371,7 @@ def study(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every run on this device; slurm: on its node)."),
     launcher: str = typer.Option("local", help="local (processes here, --jobs at once) or slurm (one SLURM job per run, through submitit)."),
     show_status: bool = typer.Option(False, "--status", help="Show every run: finished, running, pending or failed (with its log's last line); starts nothing."),
-    cancel: bool = typer.Option(False, "--cancel", help="Cancel the study's queued and running SLURM jobs."),
+    cancel: bool = typer.Option(False, "--cancel", help="Cancel every queued and running job of the dataset's study (--launcher slurm)."),
     partition: Optional[str] = typer.Option(None, help="slurm: partition; default params.yaml study.partition."),
     time_min: Optional[int] = typer.Option(None, help="slurm: time limit of each run's job, minutes; default study.time_min."),
     gpus: Optional[int] = typer.Option(None, help="slurm: GPUs per run; default study.gpus."),

@@ -18,7 +18,9 @@ the tests use it where no SLURM daemons can start.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
+import io
 import os
 import shlex
 import shutil
@@ -225,10 +227,15 @@ def submit(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params
             return {}
         executor = scheduler.executor(folder / "jobs", settings, f"dmg-{info.name}")
         jobs = []
-        with executor.batch():  # one job array
-            for run, _ in todo:
-                jobs.append(executor.submit(RunJob(run, info.name, str(data_dir), str(params_file), device,
-                                                   tuple(train_flags), evaluate, str(Path.cwd()))))
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # one job array
+                for run, _ in todo:
+                    jobs.append(executor.submit(RunJob(run, info.name, str(data_dir), str(params_file), device,
+                                                       tuple(train_flags), evaluate, str(Path.cwd()))))
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise DmgError(f"study: the scheduler refused the jobs: {lines[-1] if lines else exc}; "
+                           f"nothing was submitted") from None
         submitted = time.strftime("%Y-%m-%d %H:%M:%S")
         for (run, state), job in zip(todo, jobs):
             again = run.name in records

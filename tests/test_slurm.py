@@ -349,6 +349,14 @@ def test_slurm_study_skips_resubmits_and_resumes(slurm_cluster, digits_dir, refe
                                         capture_output=True).returncode == 0, 60, f"job {job} to be pending again")
 
     scenario(tmp_path, reference, submit, scancel, preempt=requeue)
+
+    # A submission the cluster refuses is one line, and records nothing.
+    records = (tmp_path / "data" / "study" / "digits" / "jobs.json").read_text()
+    result = CliRunner().invoke(app, ["study", "--params", str(tmp_path / "params.yaml"), "--launcher", "slurm",
+                                      "--target", "rot30", "--method", "aggregate", *resources, "--partition", "nosuch"])
+    assert result.exit_code == 1 and "the scheduler refused the jobs" in result.output, result.output
+    assert "invalid partition" in result.output.lower() and len(result.output.strip().splitlines()) == 2
+    assert (tmp_path / "data" / "study" / "digits" / "jobs.json").read_text() == records
     script = next((tmp_path / "data" / "study" / "digits" / "jobs").glob("*_submission.sh")).read_text()
     assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --mem=1G" in script and "--array=" in script
 
