@@ -383,10 +383,14 @@ def check(params_file: Path = PARAMS_OPTION):
     typer.echo(f"{params_file}: {run(params)}")
 
 
-@app.command(short_help="Train and evaluate the whole matrix, several runs at once.")
+LAUNCHERS = ("local", "slurm")
+
+
+@app.command(short_help="Train and evaluate the whole matrix, several runs at once (here or on SLURM).")
 @handle_errors
 def study(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
     targets: Optional[list[str]] = typer.Option(None, "--target", help="A target; repeat for several. Default: params.yaml matrix.targets."),
     methods: Optional[list[str]] = typer.Option(None, "--method", help="A method; repeat for several. Default: matrix.methods."),
     backbones: Optional[list[str]] = typer.Option(None, "--backbone", help="A backbone; repeat for several. Default: matrix.backbones."),
@@ -396,24 +400,58 @@ def study(
     min_free_gb: float = typer.Option(4.0, help="Start another run only while this much device memory (CUDA) or RAM (CPU) is free."),
     stagger: Optional[float] = typer.Option(None, help="Seconds between starts, so a run's memory shows before the next check; default 20 on CUDA, 0 on the CPU."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Run dmg evaluate after each dmg train."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every run on this device)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (every run on this device; slurm: on its node)."),
+    launcher: str = typer.Option("local", help="local (processes here, --jobs at once) or slurm (one SLURM job per run, through submitit)."),
+    show_status: bool = typer.Option(False, "--status", help="Show every run: finished, running, pending or failed (with its log's last line); starts nothing."),
+    cancel: bool = typer.Option(False, "--cancel", help="Cancel every queued and running job of the dataset's study (--launcher slurm)."),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition; default params.yaml study.partition."),
+    time_min: Optional[int] = typer.Option(None, help="slurm: time limit of each run's job, minutes; default study.time_min."),
+    gpus: Optional[int] = typer.Option(None, help="slurm: GPUs per run; default study.gpus."),
+    cpus: Optional[int] = typer.Option(None, help="slurm: CPUs per run; default study.cpus."),
+    mem_gb: Optional[int] = typer.Option(None, help="slurm: memory per run in GB; default study.mem_gb."),
     params_file: Path = PARAMS_OPTION,
 ):
-    """Train (and evaluate) the whole matrix, several runs at once, with a free-memory check before each start.
+    """Train (and evaluate) the whole matrix: here, several runs at once with a free-memory check
+    before each start, or on a SLURM cluster, one job per run (--launcher slurm).
 
     The same commands and output folders as dvc.yaml's train/evaluate stages; `dvc commit` records them.
+    Run it again to continue: finished runs are skipped, interrupted ones resume from last.pt,
+    and (slurm) runs still queued or running are not submitted twice.
     """
-    from stages.study import study as run
-
+    if launcher not in LAUNCHERS:
+        raise DmgError(f"study: unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if show_status and cancel:
+        raise DmgError("study: --status and --cancel exclude each other")
     params = load(params_file)
+    info = get_dataset(dataset or params.dataset)
     matrix = override(params.matrix, targets=tuple(targets) if targets else None,
                       methods=tuple(methods) if methods else None, backbones=tuple(backbones) if backbones else None,
                       seeds=tuple(seeds) if seeds else None)
-    flags = (*(("--epochs", str(epochs)) if epochs is not None else ()),
-             *(("--resident", resident) if resident is not None else ()))
-    seconds = run(params.dataset, params.data_dir, matrix, params_file, jobs=jobs, device=device,
-                  min_free_gb=min_free_gb, stagger=stagger, train_flags=flags, evaluate=evaluate, progress=typer.echo)
+    if show_status or cancel or launcher == "slurm":
+        from stages import study_slurm
+
+        if show_status:
+            typer.echo(study_slurm.describe(study_slurm.status(info, params.data_dir, matrix, evaluate)))
+        elif cancel:
+            study_slurm.cancel(info, params.data_dir, progress=typer.echo)
+        else:
+            settings = override(params.study, partition=partition, time_min=time_min, gpus=gpus, cpus=cpus,
+                                mem_gb=mem_gb)
+            submitted = study_slurm.submit(info, params.data_dir, matrix, params_file, settings, device,
+                                           study_flags(epochs, resident), evaluate, progress=typer.echo)
+            typer.echo(f"study: {len(submitted)} jobs submitted; `dmg study --status` shows them")
+        return
+    from stages.study import study as run
+
+    seconds = run(info, params.data_dir, matrix, params_file, jobs=jobs, device=device, min_free_gb=min_free_gb,
+                  stagger=stagger, train_flags=study_flags(epochs, resident), evaluate=evaluate, progress=typer.echo)
     typer.echo(f"study: {len(seconds)} runs done")
+
+
+def study_flags(epochs: Optional[int], resident: Optional[str]) -> tuple[str, ...]:
+    """The study's flags that each `dmg train` gets."""
+    return (*(("--epochs", str(epochs)) if epochs is not None else ()),
+            *(("--resident", resident) if resident is not None else ()))
 
 
 @app.command(short_help='Counts and provenance of an HDF5 file.')

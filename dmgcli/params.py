@@ -290,6 +290,27 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class StudyParams:
+    """What each run's job asks a SLURM cluster for (`dmg study --launcher slurm`; flags override)."""
+    partition: Optional[str] = None  # None: the cluster's default partition
+    time_min: int = 240  # wall-clock limit of one run's job, minutes (a run that needs more is requeued and resumes)
+    gpus: int = 1  # GPUs per run; 0 on a CPU partition
+    cpus: int = 8  # CPUs per run (DataLoader workers decode JPEGs)
+    mem_gb: int = 32  # memory per run
+    array_parallelism: int = 64  # at most this many runs of one submission at once
+    timeout_requeues: int = 3  # how often a job stopped by its time limit or preemption is requeued
+    extra: dict[str, str] = field(default_factory=dict)  # more sbatch options: {account: proj, qos: high}
+
+    def __post_init__(self):
+        check_range("study.time_min", self.time_min, minimum=1)
+        check_range("study.gpus", self.gpus, minimum=0)
+        check_range("study.cpus", self.cpus, minimum=1)
+        check_range("study.mem_gb", self.mem_gb, minimum=1)
+        check_range("study.array_parallelism", self.array_parallelism, minimum=1)
+        check_range("study.timeout_requeues", self.timeout_requeues, minimum=0)
+
+
+@dataclass(frozen=True)
 class Params:
     dataset: str = "digits"
     data_dir: str = "data"
@@ -299,6 +320,7 @@ class Params:
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
+    study: StudyParams = StudyParams()
     datasets: dict[str, FolderDatasetParams] = field(default_factory=dict)  # one's own folder datasets, by name
 
     def __post_init__(self):

@@ -136,3 +136,44 @@ def test_torchrun_train_and_evaluate_match_a_single_process(digits_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.details.json", "ddp.json", "run", "single.details.json",
                                                           "single.json"]
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "log.csv", "run.json"]
+
+
+def test_two_nodes_through_torchrun_rendezvous_equal_one_process_of_the_same_global_batch(digits_dir, tmp_path):
+    """Two torchrun launchers (--nnodes 2, c10d rendezvous), one gloo process each, stand for two
+    nodes: one epoch ends with the parameters of one process at the same global batch, and of the
+    whole `dmg train` only rank 0's node writes anything (each node names its own folder)."""
+    worker = REPO / "tests" / "ddp_node_worker.py"
+    data_dir = str(digits_dir / "data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dmgtest",
+                               str(worker), data_dir, str(tmp_path / "nodes"), name],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in ("a", "b")]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outputs)
+    single = subprocess.run([sys.executable, str(worker), data_dir, str(tmp_path / "single"), "x"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+
+    two = torch.load(tmp_path / "nodes" / "epoch-2.pt", weights_only=True)
+    one = torch.load(tmp_path / "single" / "epoch-1.pt", weights_only=True)
+    assert one["samples"] % 2 == 0 and two["images"] == one["images"] == one["samples"]  # the same samples
+    assert two["params"].keys() == one["params"].keys()
+    for name in one["params"]:
+        torch.testing.assert_close(two["params"][name], one["params"][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert abs(two["loss"] - one["loss"]) < 1e-5
+
+    ranks = {name: (tmp_path / "nodes" / f"rank-{name}").read_text() for name in ("a", "b")}
+    assert sorted(ranks.values()) == ["0", "1"]
+    main, other = sorted(ranks, key=ranks.get)
+    assert sorted(p.name for p in (tmp_path / "nodes" / f"run-{main}").iterdir()) == ["best.pt", "last.pt", "log.csv",
+                                                                                     "run.json"]
+    assert not (tmp_path / "nodes" / f"run-{other}").exists()
+    assert json.loads((tmp_path / "nodes" / f"run-{main}" / "run.json").read_text())["processes"] == 2
