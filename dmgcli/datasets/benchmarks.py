@@ -16,7 +16,8 @@ from ..errors import DmgError
 from ..fetch import Manifest, find_files, find_folder, is_url
 from ..params import DownloadParams, FolderDatasetParams
 from .folder import FolderDataset
-from .sources import archive_or_folder, discard_download, download_path, fetch_archive, local_source, unpack
+from .sources import (archive_or_folder, discard_download, download_cap, download_path, fetch_archive, local_source,
+                      unpack)
 
 DOMAINBED_SPLIT = FolderDatasetParams(split="holdout", holdout=0.2, seed=0, augmentation="pacs", resize="squash",
                                       schedule="default")
@@ -31,7 +32,7 @@ class Benchmark(FolderDataset):
 
     def fetch_tree(self, out_dir: Path, stage: Path, manifest: Manifest, params: DownloadParams):
         name, url = self.archive
-        local = archive_or_folder(out_dir, params.source, url, name, self.name, params.retries, params.timeout)
+        local = archive_or_folder(out_dir, params.source, url, name, self.name, params)
         tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
         return local, tree, hashes
 
@@ -117,7 +118,8 @@ class TerraIncognita(Benchmark):
         url = base + rel
         hint = (f"fetch it by hand and run `dmg download terra_incognita --from FOLDER` with FOLDER holding "
                 f"{Path(TERRA_IMAGES).name} and {Path(TERRA_LABELS).name}")
-        return fetch_archive(url, download_path(out_dir, url, name), params.retries, params.timeout, hint)
+        return fetch_archive(url, download_path(out_dir, url, name), params.retries, params.timeout, hint,
+                             download_cap(self.name, params.allow_large))
 
     def download(self, out_dir: Path, params: DownloadParams) -> None:
         super().download(out_dir, params)

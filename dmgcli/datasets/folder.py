@@ -21,8 +21,8 @@ from ..fetch import Manifest, is_url, staging
 from ..params import DownloadParams, FolderDatasetParams, PreprocessParams
 from .base import RESIZE_MODES, DatasetInfo, ImagePlan, SplitPlan, kfold_plan
 from .pacs import find_kfold_lists, kfold_names
-from .sources import (adopt_or_verify, discard_download, download_path, fetch_archive, install_file, install_folder,
-                      local_source, say, unpack)
+from .sources import (adopt_or_verify, discard_download, download_cap, download_path, fetch_archive, install_file,
+                      install_folder, local_source, say, unpack)
 
 LAYOUT = "<root>/<domain>/<class>/<image>"
 SPLIT_RULES = ("fractions", "holdout", "lists")
@@ -188,14 +188,24 @@ class FolderDataset(DatasetInfo):
         if not source:
             raise DmgError(f"{self.name}: nothing to copy: pass --from FOLDER or ARCHIVE, or set "
                            f"datasets.{self.name}.root in params.yaml")
-        if is_url(source):
-            dest = download_path(out_dir, source, f"{self.name}.zip")
-            local = fetch_archive(source, dest, params.retries, params.timeout,
-                                  f"fetch {source} by hand and run `dmg download {self.name} --from FILE`")
-        else:
-            local = local_source(source)
+        if params.source:
+            local = self.fetch_source(out_dir, source, params)
+        else:  # a bad root is params.yaml's to fix: the message names the key, not --from
+            try:
+                local = self.fetch_source(out_dir, source, params)
+            except DmgError as exc:
+                raise DmgError(f"params: datasets.{self.name}.root: {str(exc).removeprefix('--from ')}") from None
         tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
         return local, tree, hashes
+
+    def fetch_source(self, out_dir: Path, source: str, params: DownloadParams) -> Path:
+        """The local folder or archive `source` names, downloading it first if it is a URL."""
+        if not is_url(source):
+            return local_source(source)
+        dest = download_path(out_dir, source, f"{self.name}.zip")
+        return fetch_archive(source, dest, params.retries, params.timeout,
+                             f"fetch {source} by hand and run `dmg download {self.name} --from FILE`",
+                             download_cap(self.name, params.allow_large))
 
     def find_root(self, tree: Path, where: str) -> Path:
         return unwrap(tree)

@@ -43,7 +43,7 @@ class Pacs(DatasetInfo):
             return
         with staging(out_dir, "fetch") as stage:
             local = archive_or_folder(out_dir, params.source, f"https://drive.google.com/uc?id={PACS_DRIVE_ID}",
-                                      PACS_ARCHIVE, "pacs", params.retries, params.timeout)
+                                      PACS_ARCHIVE, "pacs", params)
             tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
             domains = set(self.domains)
             root = find_folder(tree, domains)
