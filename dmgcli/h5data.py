@@ -268,6 +268,7 @@ class SplitReader:
             try:
                 group = f[f"{domain}/{split}"]
                 self.encoding = info.encoding
+                self.shape = (info.channels, info.height, info.width)  # what every image must decode to
                 self.labels = np.asarray(group["labels"][:], dtype=np.int64)
                 self.offsets = np.asarray(group["offsets"][:], dtype=np.int64) if self.encoding == "jpeg" else None
                 self.crc32 = np.asarray(group["crc32"][:], dtype=np.uint32) if "crc32" in group else None
@@ -343,15 +344,22 @@ class SplitReader:
         return self._stored(i)
 
     def image(self, i: int) -> torch.Tensor:
-        """Image i decoded: uint8 [C, H, W]."""
+        """Image i decoded and checked to be the file's size: uint8 [C, H, W]."""
         if self.encoding == "raw":
             return torch.from_numpy(self._stored(i)).permute(2, 0, 1)
         data = self.encoded(i)
         try:
-            return decode(data)
+            image = decode(data)
         except RuntimeError as exc:
             raise CorruptImage(f"{self.name(i)} cannot be decoded ({shorten(exc)}); run `dmg preprocess` "
                                f"again") from None
+        # Its checksum only says the bytes are those written: a JPEG of another size (written by
+        # another tool, or a bug) would pass it and break the batch that stacks it.
+        if tuple(image.shape) != self.shape:
+            c, h, w = image.shape
+            raise CorruptImage(f"{self.name(i)} decodes to {h}x{w}x{c}, not the file's {self.shape[1]}x"
+                               f"{self.shape[2]}x{self.shape[0]}; run `dmg preprocess` again")
+        return image
 
     def all_images(self) -> torch.Tensor:
         """The whole split decoded into memory: uint8 [N, C, H, W] (small datasets)."""

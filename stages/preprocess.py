@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from dmgcli import __version__
 from dmgcli.datasets import DatasetInfo, ImagePlan, SplitPlan, get_dataset, h5_path, raw_dir, report_path
-from dmgcli.errors import DmgError
+from dmgcli.errors import DmgError, disk_full
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import run_lock, write_json
 from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, writing
@@ -221,6 +221,7 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
     try:
         with writing(out, file_info) as f:
             result = write_images(f, raw / "images", plan.parts, encoder, pool, workers, recorded)
+            check_not_empty(plan.parts, "readable", result.counts)  # all unreadable: nothing is written
             report = make_report(dataset, plan.parts, result)
             report["skipped"] = plan.skipped
             provenance = {
@@ -385,10 +386,28 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
     """Build data_dir/prepared/<dataset>.h5 from data_dir/raw/<dataset>; returns its path."""
     info = get_dataset(dataset)
     out, raw = h5_path(data_dir, info.name), raw_dir(data_dir, info.name)
-    with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
-        if info.generated:
-            info.generate(raw, out, params)
-        else:
-            image_settings(params)  # a bad setting is reported before the images are listed
-            convert_real(info, raw, out, params, info.plan(raw, params))
+    try:
+        with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
+            if info.generated:
+                info.generate(raw, out, params)
+            else:
+                image_settings(params)  # a bad setting is reported before the images are listed
+                plan = info.plan(raw, params)
+                check_not_empty(plan.parts, "listed")
+                convert_real(info, raw, out, params, plan)
+    except OSError as exc:
+        if disk_full(exc):  # h5py raises it without a file name; the temporary file is already gone
+            raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
+                           f"{info.name}` again (the previous file, if any, is unchanged)") from None
+        raise
     return out
+
+
+def check_not_empty(parts: list[SplitPlan], what: str, counts: dict | None = None) -> None:
+    """Refuse a dataset with an empty split: training on no images, model selection on no val
+    images or a test of no images would run and report 0.00% (or "diverged") instead of failing."""
+    for part in parts:
+        n = len(part.entries) if counts is None else counts.get((part.domain, part.split), 0)
+        if n == 0:
+            raise DmgError(f"domain {part.domain}: split {part.split} has no {what} images; every split of every "
+                           f"domain needs at least one (check the split lists or the split fractions)")

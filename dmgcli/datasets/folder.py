@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
-from ..fetch import Manifest, is_url, staging
+from ..fetch import Manifest, is_url, replace_dir, staging
 from ..params import DownloadParams, FolderDatasetParams, PreprocessParams
 from .base import RESIZE_MODES, DatasetInfo, ImagePlan, SplitPlan, kfold_plan
 from .pacs import find_kfold_lists, kfold_names
 from .sources import (adopt_or_verify, discard_download, download_cap, download_path, fetch_archive, install_file,
-                      install_folder, local_source, say, unpack)
+                      local_source, say, stage_folder, unpack)
 
 LAYOUT = "<root>/<domain>/<class>/<image>"
 SPLIT_RULES = ("fractions", "holdout", "lists")
@@ -172,9 +172,11 @@ class FolderDataset(DatasetInfo):
             layout, _ = scan(root, str(local), self.source_folders())
             folders_by_domain = self.domain_folders(layout, str(local))
             lists = self.find_lists(params, tree, local, folders_by_domain) if self.spec.split == "lists" else {}
-            count = 0
-            for domain, folder in folders_by_domain.items():
-                count += install_folder(root / folder, hashes, tree, stage, manifest, f"images/{domain}/", str(local))
+            staged = {domain: stage_folder(root / folder, hashes, tree, stage, manifest, f"images/{domain}/",
+                                           str(local)) for domain, folder in folders_by_domain.items()}
+            for domain, (folder, _) in staged.items():  # every copy made (a full disk stops it) before any rename
+                replace_dir(folder, out_dir / "images" / domain)
+            count = sum(len(files) for _, files in staged.values())
             for name, path in lists.items():
                 install_file(path, manifest, f"splits/{name}", str(path))
             manifest.save()

@@ -69,6 +69,15 @@ def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage:
     `hashes` (paths relative to base) come from extraction, so the folder is already inside
     the stage and is renamed. A user's folder (hashes None) is copied, never moved or linked.
     """
+    staged, hashes = stage_folder(root, hashes, base, stage, manifest, prefix, origin)
+    replace_dir(staged, manifest.folder / prefix.rstrip("/"))
+    return len(hashes)
+
+
+def stage_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage: Path, manifest: Manifest,
+                 prefix: str, origin: str) -> tuple[Path, dict[str, str]]:
+    """The folder `root` inside the stage (a user's folder copied there), checked against the manifest:
+    the part of `install_folder` that writes, so that a full disk stops a download before it installs anything."""
     if hashes is None:
         copy = stage / ("copy-" + prefix.strip("/").replace("/", "-"))
         hashes, root = copy_tree(root, copy), copy
@@ -77,8 +86,7 @@ def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage:
     if not hashes:
         raise DmgError(f"{origin}: no files found for {prefix}")
     manifest.check_files(prefix, hashes, origin)
-    replace_dir(root, manifest.folder / prefix.rstrip("/"))
-    return len(hashes)
+    return root, hashes
 
 
 def install_file(source: Path, manifest: Manifest, rel: str, origin: str) -> None:
