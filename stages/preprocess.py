@@ -262,7 +262,9 @@ def write_images(f, images_root: Path, plan: list[SplitPlan], encoder: ImageEnco
     position = 0
     stored: dict[str, tuple[str, int]] = {}  # path -> (split, index) within the current domain
     finished: dict[str, StoredSplit] = {}  # the current domain's splits written so far
-    with tqdm(total=total, desc=f"preprocess {f.attrs['dataset']}", unit="img", dynamic_ncols=True) as bar:
+    # leave=False: the summary line replaces the bar, and a failure shows its one error line alone
+    with tqdm(total=total, desc=f"preprocess {f.attrs['dataset']}", unit="img", dynamic_ncols=True,
+              leave=False) as bar:
         for part in plan:
             if part.split == plan_first_split(plan, part.domain):
                 stored.clear()

@@ -406,3 +406,95 @@ def test_disk_full_while_preprocessing_keeps_the_previous_file(workdir, monkeypa
     monkeypatch.setattr(h5data, "write_split", full)
     line = fails_cleanly(workdir, "preprocess", "digits", pattern="disk full while writing")
     assert "digits.h5" in line and "ENOSPC" in line  # and the earlier digits.h5 is unchanged (fails_cleanly)
+
+
+# --------------------------------------------------------------------------- dataset inputs
+
+@pytest.fixture
+def pacs_raw(project):
+    """data/raw/pacs from a tiny copy (one undecodable 'image' per domain), downloaded through the CLI."""
+    result = runner.invoke(app, ["download", "pacs", "--from", str(pacs_zip(project.parent / "PACS.zip"))])
+    assert result.exit_code == 0, result.output
+    return project / "data" / "raw" / "pacs"
+
+
+@pytest.mark.parametrize("line, pattern", [
+    (b"photo/dog/../../../../../../../etc/passwd 1\n", "leaves the dataset's images folder"),
+    (b"/etc/passwd 1\n", "leaves the dataset's images folder"),
+    (b"photo/dog/caf\xe9.jpg 1\n", "not UTF-8 text (byte 0xe9 at column 14)"),
+], ids=["dot-dot", "absolute", "latin-1"])
+def test_a_bad_split_list_line_is_named_by_file_and_line(project, pacs_raw, line, pattern):
+    listed = pacs_raw / "splits" / "photo_train_kfold.txt"
+    listed.write_bytes(listed.read_bytes() + line)
+    fails_cleanly(project, "preprocess", "pacs", pattern=f"{listed}:2: ")
+    fails_cleanly(project, "preprocess", "pacs", pattern=pattern)
+    assert not (project / "data" / "prepared").exists()
+
+
+def test_an_empty_split_is_refused_before_anything_is_written(project, pacs_raw):
+    (pacs_raw / "splits" / "sketch_crossval_kfold.txt").write_text("\n")
+    fails_cleanly(project, "preprocess", "pacs", pattern="domain sketch: split val has no listed images")
+    assert not (project / "data" / "prepared").exists()
+
+
+def test_a_split_of_only_unreadable_images_is_refused(project, pacs_raw):
+    """The images of this copy are random bytes: every split would be stored empty (and train to 0.00%)."""
+    fails_cleanly(project, "preprocess", "pacs", pattern="domain art_painting: split train has no readable images")
+    assert not (project / "data" / "prepared").exists() or not any((project / "data" / "prepared").iterdir())
+
+
+def test_empty_fraction_splits_of_a_folder_dataset_are_refused(project):
+    root = project.parent / "mydata"
+    for domain in ("a", "b"):
+        for cls in ("x", "y"):
+            (root / domain / cls).mkdir(parents=True)
+            for i in range(3):
+                from PIL import Image
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / domain / cls / f"{i}.png")
+    write_params(project, datasets={"mydata": {"root": str(root), "fractions": [0.8, 0.2, 0.0], "image_size": 8}},
+                 preprocess={"workers": 1})
+    assert runner.invoke(app, ["download", "mydata"]).exit_code == 0
+    fails_cleanly(project, "preprocess", "mydata", pattern="domain a: split test has no listed images")
+
+
+def test_a_same_size_corruption_of_digits_is_found(workdir):
+    from dmgcli.datasets.digits import digits_source
+
+    raw = workdir / "data" / "raw" / "digits"
+    raw.mkdir(parents=True)
+    data = bytearray(digits_source().read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (raw / "digits.csv.gz").write_bytes(bytes(data))
+    fails_cleanly(workdir, "preprocess", "digits", pattern="digits.csv.gz differs from scikit-learn's copy")
+    result = runner.invoke(app, ["download", "digits"])
+    assert result.exit_code == 0 and "replaced" in result.output
+    assert (raw / "digits.csv.gz").read_bytes() == digits_source().read_bytes()
+
+
+# --------------------------------------------------------------------------- HDF5 images of the wrong size
+
+def test_a_jpeg_of_another_size_with_a_matching_crc_is_refused(tmp_path):
+    """write_split computes the crc of what it is given, so the odd image passes its checksum."""
+    from torchvision.io import encode_jpeg
+    import torch
+
+    from dmgcli.h5data import CorruptImage, FileInfo, SplitReader, write_split, writing
+
+    path = tmp_path / "odd.h5"
+    info = FileInfo(dataset="odd", encoding="jpeg", height=8, width=8, channels=3, classes=("a", "b"),
+                    domains=("d0",), provenance={})
+    images = [torch.full((3, 8, 8), 100, dtype=torch.uint8)] * 3 + [torch.full((3, 16, 12), 100, dtype=torch.uint8)]
+    with writing(path, info) as f:
+        write_split(f, "d0", "train", [encode_jpeg(im).numpy().tobytes() for im in images], [0, 1, 0, 1],
+                    [f"d0/{i}.jpg" for i in range(4)])
+    reader = SplitReader(path, "d0", "train")
+    assert reader.image(0).shape == (3, 8, 8)
+    with pytest.raises(CorruptImage, match=r"d0/train/d0/3.jpg decodes to 16x12x3, not the file's 8x8x3"):
+        reader.image(3)
+    line = fails_cleanly(tmp_path, "info", path, "--verify", pattern="1 of 4 images are damaged")
+    assert "d0/3.jpg" in line
+    from dmgcli.data import decode_batch
+    parts = [reader.encoded(i) for i in (0, 3)]
+    with pytest.raises(DmgError, match="a batch holds images of sizes 8x8, 16x12"):
+        decode_batch(torch.from_numpy(np.concatenate(parts)), torch.tensor([len(p) for p in parts]),
+                     torch.device("cpu"))
