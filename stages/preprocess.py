@@ -40,7 +40,7 @@ from dmgcli.datasets import DatasetInfo, ImagePlan, SplitPlan, get_dataset, h5_p
 from dmgcli.errors import DmgError, disk_full
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import run_lock, write_json
-from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, writing
+from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, check_room, read_info, writing
 from dmgcli.params import PreprocessParams
 
 # --------------------------------------------------------------------------- images
@@ -216,6 +216,8 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
     file_info = FileInfo(dataset=dataset, encoding=params.encoding, height=size, width=size, channels=3,
                          classes=plan.classes, domains=domains, provenance={})
     encoder = ImageEncoder(size, params.encoding, params.jpeg_quality, info.resize)
+    listed = sum(len(part.entries) for part in plan.parts)
+    check_room(out, listed, size * size * 3 * (1 if params.encoding == "raw" else MIN_JPEG_SHARE))
     workers = worker_count(params.workers)
     pool = make_pool(workers)
     try:
@@ -239,6 +241,8 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
             pool.terminate()
     print_summary(dataset, out, report, workers)
 
+
+MIN_JPEG_SHARE = 0.02  # a JPEG takes at least this share of its pixels' bytes (white sketches ~0.03, photos ~0.15)
 
 RESIZE_NOTES = {"center_crop": "shorter side to image_size (bilinear), central square kept",
                 "squash": "whole image to image_size x image_size (bilinear), aspect not kept"}
@@ -388,6 +392,7 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
     """Build data_dir/prepared/<dataset>.h5 from data_dir/raw/<dataset>; returns its path."""
     info = get_dataset(dataset)
     out, raw = h5_path(data_dir, info.name), raw_dir(data_dir, info.name)
+    full = False
     try:
         with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
             if info.generated:
@@ -398,10 +403,13 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
                 check_not_empty(plan.parts, "listed")
                 convert_real(info, raw, out, params, plan)
     except OSError as exc:
-        if disk_full(exc):  # h5py raises it without a file name; the temporary file is already gone
-            raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
-                           f"{info.name}` again (the previous file, if any, is unchanged)") from None
-        raise
+        if not disk_full(exc):
+            raise
+        full = True  # raised below, outside this block: the error must not keep the failed write's
+        # traceback (and with it h5py objects of the closed file) alive until exit, where HDF5 crashes
+    if full:  # h5py raises it without a file name; the temporary file is already gone
+        raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
+                       f"{info.name}` again (the previous file, if any, is unchanged)")
     return out
 
 

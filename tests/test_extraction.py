@@ -498,3 +498,37 @@ def test_a_jpeg_of_another_size_with_a_matching_crc_is_refused(tmp_path):
     with pytest.raises(DmgError, match="a batch holds images of sizes 8x8, 16x12"):
         decode_batch(torch.from_numpy(np.concatenate(parts)), torch.tensor([len(p) for p in parts]),
                      torch.device("cpu"))
+
+
+def test_preprocess_refuses_to_start_a_file_the_disk_cannot_hold(workdir, monkeypatch):
+    """HDF5 on a really full disk prints its own tracebacks and crashes at exit (measured on a
+    tmpfs): a disk already too full is refused before the first write."""
+    import collections
+
+    from dmgcli import h5data
+    from dmgcli.datasets.digits import digits_source
+
+    raw = workdir / "data" / "raw" / "digits"
+    raw.mkdir(parents=True)
+    shutil.copyfile(digits_source(), raw / "digits.csv.gz")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(h5data.shutil, "disk_usage", lambda path: usage(10**6, 9 * 10**5, 10**5))
+    fails_cleanly(workdir, "preprocess", "digits", pattern="disk full: ")
+
+
+def test_a_write_error_hdf5_could_only_print_fails_the_file(tmp_path):
+    """h5py reports a failed metadata flush while freeing an object as "Exception ignored": on a full
+    disk the file would be renamed into place incomplete. It is an error instead, and nothing is kept."""
+    from dmgcli.h5data import FileInfo, writing
+
+    class FlushFails:
+        def __del__(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    info = FileInfo(dataset="x", encoding="raw", height=1, width=1, channels=1, classes=("a",), domains=("d",),
+                    provenance={})
+    with pytest.raises(OSError) as err:
+        with writing(tmp_path / "x.h5", info):
+            FlushFails()  # freed at once: its error goes to sys.unraisablehook
+    assert err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

@@ -72,7 +72,9 @@ class Digits(DatasetInfo):
         order = np.random.default_rng(params.seed).permutation(len(labels))
         shares = np.array_split(order, len(DIGITS_ANGLES))
         size = params.digits_size
-        from ..h5data import FileInfo, write_split, writing  # h5data imports torch: not at CLI start
+        from ..h5data import FileInfo, check_room, write_split, writing  # h5data imports torch: not at CLI start
+
+        check_room(out, len(labels), size * size)  # raw pixels, one channel
 
         file_info = FileInfo(dataset="digits", encoding="raw", height=size, width=size, channels=1,
                              classes=tuple(str(c) for c in range(10)), domains=self.domains,
