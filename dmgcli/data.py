@@ -303,6 +303,9 @@ class BatchStream:
             if self.decode_on_device:
                 flat, sizes, y, d = item
                 x = self._decoder(flat, sizes) if self._decoder else decode_batch(flat, sizes, self.device)
+                if tuple(x.shape[1:]) != self.images.readers[0].shape:  # the CPU path checks each image
+                    raise DmgError(f"{self.images.readers[0].path}: stored images decode to {tuple(x.shape[1:])}, "
+                                   f"not the file's {self.images.readers[0].shape}; run `dmg preprocess` again")
             else:
                 x, y, d = item
                 x = x.to(self.device, non_blocking=True)
