@@ -103,10 +103,9 @@ def check_room(path: str | Path, images: int, image_bytes: float) -> None:
 
 @contextlib.contextmanager
 def failed_flushes(path: Path) -> Iterator[list[OSError]]:
-    """Collect the write errors h5py can only report as "Exception ignored" (HDF5 flushes an object's
-    metadata when it is freed, where no exception can be raised): on a full disk they would fill
-    the screen with tracebacks while the file is silently left incomplete. The list they are
-    collected in tells `writing` to fail instead."""
+    """Collect the write errors h5py can only print (HDF5 flushes an object's metadata when the
+    object is freed, where no exception can be raised): writing would carry on and rename an
+    incomplete file into place. The list they are collected in tells `writing` to fail instead."""
     failed: list[OSError] = []
     previous = sys.unraisablehook
 

@@ -10,6 +10,10 @@ with a bounded number of batches in flight and are appended to the file as they 
 so memory does not grow with the number of images. An image listed twice in one domain
 (PACS: every test image is also a train or val image) is decoded once and copied.
 
+A dataset with an empty split (none listed, or none readable) is refused: training or testing
+on no images would report 0.00% instead of failing. A disk too full for the file is refused
+before the first write.
+
 Unreadable images are left out and listed in <dataset>.report.json beside the HDF5 file,
 with every group of byte-identical source images (policy: kept where the lists put them).
 The file's provenance holds a fingerprint of the inputs (the raw folder's MANIFEST.json)
@@ -392,7 +396,6 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
     """Build data_dir/prepared/<dataset>.h5 from data_dir/raw/<dataset>; returns its path."""
     info = get_dataset(dataset)
     out, raw = h5_path(data_dir, info.name), raw_dir(data_dir, info.name)
-    full = False
     try:
         with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
             if info.generated:
@@ -403,13 +406,10 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
                 check_not_empty(plan.parts, "listed")
                 convert_real(info, raw, out, params, plan)
     except OSError as exc:
-        if not disk_full(exc):
-            raise
-        full = True  # raised below, outside this block: the error must not keep the failed write's
-        # traceback (and with it h5py objects of the closed file) alive until exit, where HDF5 crashes
-    if full:  # h5py raises it without a file name; the temporary file is already gone
-        raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
-                       f"{info.name}` again (the previous file, if any, is unchanged)")
+        if disk_full(exc):  # h5py raises it without a file name; the temporary file is already gone
+            raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
+                           f"{info.name}` again (the previous file, if any, is unchanged)") from None
+        raise
     return out
 
 
