@@ -538,3 +538,21 @@ def test_a_write_error_hdf5_could_only_print_fails_the_file(tmp_path):
             FlushFails()  # freed at once: its error goes to sys.unraisablehook
     assert err.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_annotation_naming_a_file_outside_the_images_is_refused(tmp_path):
+    """TerraIncognita's annotations name the image files: like a split list, they may not leave the folder."""
+    import json
+
+    from dmgcli.datasets.benchmarks import sort_by_location
+
+    (tmp_path / "secret.txt").write_text("not an image")
+    images, labels = tmp_path / "images" / "eccv_18_all_images_sm", tmp_path / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    (labels / "a.json").write_text(json.dumps({
+        "categories": [{"id": 1, "name": "cat"}], "annotations": [{"image_id": "x", "category_id": 1}],
+        "images": [{"id": "x", "location": 38, "file_name": "../../secret.txt"}]}))
+    with pytest.raises(DmgError, match="a.json: image file_name '../../secret.txt' leaves the image folder"):
+        sort_by_location(tmp_path / "images", labels, tmp_path / "sorted", "terra")
+    assert not (tmp_path / "sorted").exists()
