@@ -145,7 +145,13 @@ def decode_batch(flat: torch.Tensor, sizes: torch.Tensor, device: torch.device) 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     parts = list(torch.split(flat, sizes.tolist()))  # views, no copy
-    return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
+    images = decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+    shapes = sorted({tuple(im.shape) for im in images})
+    if len(shapes) > 1:  # a stored JPEG of another size whose checksum matches: stack would fail with a traceback
+        raise DmgError(f"a batch holds images of sizes {', '.join('x'.join(map(str, s[1:])) for s in shapes[:3])}; "
+                       f"the dataset file is damaged: find the image with `dmg info --verify` and run "
+                       f"`dmg preprocess` again")
+    return torch.stack(images)
 
 
 class CudaDecoder:
@@ -297,6 +303,9 @@ class BatchStream:
             if self.decode_on_device:
                 flat, sizes, y, d = item
                 x = self._decoder(flat, sizes) if self._decoder else decode_batch(flat, sizes, self.device)
+                if tuple(x.shape[1:]) != self.images.readers[0].shape:  # the CPU path checks each image
+                    raise DmgError(f"{self.images.readers[0].path}: stored images decode to {tuple(x.shape[1:])}, "
+                                   f"not the file's {self.images.readers[0].shape}; run `dmg preprocess` again")
             else:
                 x, y, d = item
                 x = x.to(self.device, non_blocking=True)

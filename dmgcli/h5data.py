@@ -22,7 +22,11 @@ Files are written to a temporary name and renamed when complete (see `writing`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import shutil
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import DmgError
+from .errors import DmgError, disk_full
 from .fileio import atomic_path, shorten
 
 FORMAT = "dmg-hdf5"
@@ -59,8 +63,9 @@ def writing(path: str | Path, info: FileInfo) -> Iterator[h5py.File]:
     """Open a new dataset file for writing under a temporary name; rename it on success."""
     if info.encoding not in ENCODINGS:
         raise DmgError(f"unknown image encoding {info.encoding!r}; valid: {', '.join(ENCODINGS)}")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, failed_flushes(tmp) as failed:
+        f = h5py.File(tmp, "w")
+        try:
             f.attrs.update({
                 "format": FORMAT, "version": VERSION, "dataset": info.dataset, "encoding": info.encoding,
                 "height": info.height, "width": info.width, "channels": info.channels,
@@ -68,6 +73,54 @@ def writing(path: str | Path, info: FileInfo) -> Iterator[h5py.File]:
                 "provenance": json.dumps(info.provenance), "tool_version": __version__,
             })
             yield f
+            if failed:  # a metadata flush failed while the file was written: it is not whole
+                raise failed[0]
+        except BaseException as exc:
+            if disk_full(exc) or failed:
+                # The temporary file is deleted anyway: emptying it gives the space back for the
+                # metadata HDF5 writes when it closes the file.
+                os.truncate(tmp, 0)
+            raise
+        finally:
+            f.close()
+
+
+PER_IMAGE_BYTES = 48  # at least, besides the pixels: label 8, crc32 4, path reference 16 + heap entry 16, offset
+
+
+def check_room(path: str | Path, images: int, image_bytes: float) -> None:
+    """Refuse to start a file that cannot fit: HDF5 fails badly on a full disk (its own tracebacks,
+    and a crash at exit with HDF5 1.14), so the common case, a disk already too full, is caught
+    before the first write. image_bytes: a lower bound of one stored image's size."""
+    needed = int(images * (image_bytes + PER_IMAGE_BYTES))
+    folder = Path(path).absolute().parent
+    place = next(p for p in (folder, *folder.parents) if p.exists())  # the folder may not exist yet
+    free = shutil.disk_usage(place).free
+    if needed > free:
+        raise DmgError(f"disk full: {path} needs at least {needed / 1e6:.1f} MB, {folder} has {free / 1e6:.1f} MB "
+                       f"free (ENOSPC); free some space and run again")
+
+
+@contextlib.contextmanager
+def failed_flushes(path: Path) -> Iterator[list[OSError]]:
+    """Collect the write errors h5py can only print (HDF5 flushes an object's metadata when the
+    object is freed, where no exception can be raised): writing would carry on and rename an
+    incomplete file into place. The list they are collected in tells `writing` to fail instead."""
+    failed: list[OSError] = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        text = str(unraisable.exc_value)
+        if disk_full(unraisable.exc_value) or ("errno = 28" in text and str(path.name) in text):
+            failed.append(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)))
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield failed
+    finally:
+        sys.unraisablehook = previous
 
 
 def write_split(f: h5py.File, domain: str, split: str, images, labels, paths) -> None:
@@ -268,6 +321,7 @@ class SplitReader:
             try:
                 group = f[f"{domain}/{split}"]
                 self.encoding = info.encoding
+                self.shape = (info.channels, info.height, info.width)  # what every image must decode to
                 self.labels = np.asarray(group["labels"][:], dtype=np.int64)
                 self.offsets = np.asarray(group["offsets"][:], dtype=np.int64) if self.encoding == "jpeg" else None
                 self.crc32 = np.asarray(group["crc32"][:], dtype=np.uint32) if "crc32" in group else None
@@ -343,15 +397,22 @@ class SplitReader:
         return self._stored(i)
 
     def image(self, i: int) -> torch.Tensor:
-        """Image i decoded: uint8 [C, H, W]."""
+        """Image i decoded and checked to be the file's size: uint8 [C, H, W]."""
         if self.encoding == "raw":
             return torch.from_numpy(self._stored(i)).permute(2, 0, 1)
         data = self.encoded(i)
         try:
-            return decode(data)
+            image = decode(data)
         except RuntimeError as exc:
             raise CorruptImage(f"{self.name(i)} cannot be decoded ({shorten(exc)}); run `dmg preprocess` "
                                f"again") from None
+        # Its checksum only says the bytes are those written: a JPEG of another size (written by
+        # another tool, or a bug) would pass it and break the batch that stacks it.
+        if tuple(image.shape) != self.shape:
+            c, h, w = image.shape
+            raise CorruptImage(f"{self.name(i)} decodes to {h}x{w}x{c}, not the file's {self.shape[1]}x"
+                               f"{self.shape[2]}x{self.shape[0]}; run `dmg preprocess` again")
+        return image
 
     def all_images(self) -> torch.Tensor:
         """The whole split decoded into memory: uint8 [N, C, H, W] (small datasets)."""

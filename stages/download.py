@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from dmgcli.datasets import get_dataset, raw_dir
+from dmgcli.errors import DmgError, disk_full
 from dmgcli.fileio import run_lock
 from dmgcli.params import DownloadParams
 
@@ -25,8 +26,11 @@ def download(dataset: str, data_dir: str | Path, params: DownloadParams) -> Path
     try:
         with run_lock(out_dir):  # one writer per raw folder; clears a killed run's staging folders
             info.download(out_dir, params)
-    except BaseException:
+    except BaseException as exc:
         remove_empty_folders(out_dir, created)  # a failed first try leaves no empty data/raw/<dataset>
+        if disk_full(exc):  # a write no step above named (the manifest, a folder): still the user's to fix
+            raise DmgError(f"disk full while writing {out_dir} (ENOSPC); free some space and run "
+                           f"`dmg download {info.name}` again") from None
         raise
     return out_dir
 

@@ -16,8 +16,8 @@ CLASS_TABLE_LIMIT = 12  # more classes than this (DomainNet: 345) are summarised
 def describe(path: str | Path, verify: bool = False) -> str:
     """Per domain and split: images and distinct classes; images per class; then the provenance.
 
-    verify: also read every image and check it against its stored crc32 (and decode it); any
-    mismatch is an error naming the images.
+    verify: also read every image and check it against its stored crc32 (and decode it, checking
+    its size against the file's); any mismatch is an error naming the images.
     """
     info = read_info(path)
     size = Path(path).stat().st_size
@@ -57,7 +57,8 @@ def verify_images(path, readers: list[SplitReader], total: int) -> str:
     if any(r.crc32 is None for r in readers):  # layout version 1: decoding is all that can be checked
         checked = "read (no checksums: layout version 1; run `dmg preprocess` again to add them)"
     else:
-        checked = "match their crc32" + (" and decode" if readers and readers[0].encoding == "jpeg" else "")
+        size = "x".join(map(str, readers[0].shape[1:] + readers[0].shape[:1])) if readers else ""
+        checked = "match their crc32" + (f" and decode to {size}" if readers and readers[0].encoding == "jpeg" else "")
     if bad:
         raise DmgError(f"{len(bad)} of {total} images are damaged, first {bad[0]}; run `dmg preprocess` again")
     return f"verified: all {total} images {checked}"

@@ -10,6 +10,10 @@ with a bounded number of batches in flight and are appended to the file as they 
 so memory does not grow with the number of images. An image listed twice in one domain
 (PACS: every test image is also a train or val image) is decoded once and copied.
 
+A dataset with an empty split (none listed, or none readable) is refused: training or testing
+on no images would report 0.00% instead of failing. A disk too full for the file is refused
+before the first write.
+
 Unreadable images are left out and listed in <dataset>.report.json beside the HDF5 file,
 with every group of byte-identical source images (policy: kept where the lists put them).
 The file's provenance holds a fingerprint of the inputs (the raw folder's MANIFEST.json)
@@ -37,10 +41,10 @@ from tqdm import tqdm
 
 from dmgcli import __version__
 from dmgcli.datasets import DatasetInfo, ImagePlan, SplitPlan, get_dataset, h5_path, raw_dir, report_path
-from dmgcli.errors import DmgError
+from dmgcli.errors import DmgError, disk_full
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import run_lock, write_json
-from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, read_info, writing
+from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, check_room, read_info, writing
 from dmgcli.params import PreprocessParams
 
 # --------------------------------------------------------------------------- images
@@ -217,11 +221,14 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
     file_info = FileInfo(dataset=dataset, encoding=params.encoding, height=size, width=size, channels=3,
                          classes=plan.classes, domains=domains, provenance={})
     encoder = ImageEncoder(size, params.encoding, params.jpeg_quality, info.resize)
+    listed = sum(len(part.entries) for part in plan.parts)
+    check_room(out, listed, size * size * 3 * (1 if params.encoding == "raw" else MIN_JPEG_SHARE))
     workers = worker_count(params.workers)
     pool = make_pool(workers)
     try:
         with writing(out, file_info) as f:
             result = write_images(f, raw / "images", plan.parts, encoder, pool, workers, recorded)
+            check_not_empty(plan.parts, "readable", result.counts)  # all unreadable: nothing is written
             report = make_report(dataset, plan.parts, result)
             report["skipped"] = plan.skipped
             provenance = {
@@ -239,6 +246,8 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
             pool.terminate()
     print_summary(dataset, out, report, workers)
 
+
+MIN_JPEG_SHARE = 0.02  # a JPEG takes at least this share of its pixels' bytes (white sketches ~0.03, photos ~0.15)
 
 RESIZE_NOTES = {"center_crop": "shorter side to image_size (bilinear), central square kept",
                 "squash": "whole image to image_size x image_size (bilinear), aspect not kept"}
@@ -262,7 +271,9 @@ def write_images(f, images_root: Path, plan: list[SplitPlan], encoder: ImageEnco
     position = 0
     stored: dict[str, tuple[str, int]] = {}  # path -> (split, index) within the current domain
     finished: dict[str, StoredSplit] = {}  # the current domain's splits written so far
-    with tqdm(total=total, desc=f"preprocess {f.attrs['dataset']}", unit="img", dynamic_ncols=True) as bar:
+    # leave=False: the summary line replaces the bar, and a failure shows its one error line alone
+    with tqdm(total=total, desc=f"preprocess {f.attrs['dataset']}", unit="img", dynamic_ncols=True,
+              leave=False) as bar:
         for part in plan:
             if part.split == plan_first_split(plan, part.domain):
                 stored.clear()
@@ -386,10 +397,28 @@ def preprocess(dataset: str, data_dir: str | Path, params: PreprocessParams) -> 
     """Build data_dir/prepared/<dataset>.h5 from data_dir/raw/<dataset>; returns its path."""
     info = get_dataset(dataset)
     out, raw = h5_path(data_dir, info.name), raw_dir(data_dir, info.name)
-    with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
-        if info.generated:
-            info.generate(raw, out, params)
-        else:
-            image_settings(params)  # a bad setting is reported before the images are listed
-            convert_real(info, raw, out, params, info.plan(raw, params))
+    try:
+        with run_lock(out, folder=False):  # one writer per HDF5 file; clears a killed run's temp files
+            if info.generated:
+                info.generate(raw, out, params)
+            else:
+                image_settings(params)  # a bad setting is reported before the images are listed
+                plan = info.plan(raw, params)
+                check_not_empty(plan.parts, "listed")
+                convert_real(info, raw, out, params, plan)
+    except OSError as exc:
+        if disk_full(exc):  # h5py raises it without a file name; the temporary file is already gone
+            raise DmgError(f"disk full while writing {out} (ENOSPC); free some space and run `dmg preprocess "
+                           f"{info.name}` again (the previous file, if any, is unchanged)") from None
+        raise
     return out
+
+
+def check_not_empty(parts: list[SplitPlan], what: str, counts: dict | None = None) -> None:
+    """Refuse a dataset with an empty split: training on no images, model selection on no val
+    images or a test of no images would run and report 0.00% (or "diverged") instead of failing."""
+    for part in parts:
+        n = len(part.entries) if counts is None else counts.get((part.domain, part.split), 0)
+        if n == 0:
+            raise DmgError(f"domain {part.domain}: split {part.split} has no {what} images; every split of every "
+                           f"domain needs at least one (check the split lists or the split fractions)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dmgcli import fetch
+from dmgcli import transfer
 from dmgcli.cli import app
 from dmgcli.errors import DmgError
 from dmgcli.fetch import Manifest, download_url, safe_extract
@@ -184,7 +184,7 @@ def test_offline_drive_download_is_one_quiet_try_and_leaves_no_folders(tmp_path,
         raise ConnectionError("Failed to resolve 'drive.google.com'")
 
     monkeypatch.setattr(gdown, "download", offline)
-    monkeypatch.setattr(fetch, "host_resolves", lambda host: False)
+    monkeypatch.setattr(transfer, "host_resolves", lambda host: False)
     with pytest.raises(DmgError, match="host not found: offline?"):
         download("pacs", tmp_path / "data", DownloadParams(retries=3))
     assert [(c["quiet"], c["retries"]) for c in calls] == [(True, 0)]  # no retry lines before the error
@@ -202,7 +202,7 @@ def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
         return kwargs["output"]
 
     monkeypatch.setattr(gdown, "download", fake)
-    monkeypatch.setattr(fetch, "host_resolves", lambda host: True)  # online, as far as the retries go
+    monkeypatch.setattr(transfer, "host_resolves", lambda host: True)  # online, as far as the retries go
     link = "https://drive.google.com/uc?id=MIRROR_ID"
     raw = download("pacs", tmp_path, DownloadParams(source=link, retries=2))
     assert calls[0]["url"] == link and calls[0]["resume"] and calls[0]["retries"] == 2

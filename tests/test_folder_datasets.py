@@ -129,7 +129,7 @@ def test_holdout_split_tests_the_whole_domain_and_validates_in_domain_on_val(pro
 
 
 def test_non_rgb_and_16_bit_images_are_converted(project):
-    root = make_images(project / "mydata", per_class=2)
+    root = make_images(project / "mydata", per_class=3)  # 3: every split of every domain gets an image
     odd = root / "hospital_a" / "cat"
     Image.new("L", (16, 16), 100).save(odd / "grey.png")
     Image.new("RGBA", (16, 16), (0, 0, 255, 0)).save(odd / "clear.png")  # transparent: over white
@@ -181,7 +181,8 @@ def test_unreadable_images_and_one_class_domains_are_reported_not_fatal(project)
     (root / "hospital_c" / "empty_class" / "readme.md").write_text("nothing")
     lonely = project / "mydata" / "hospital_d" / "cat"
     lonely.mkdir(parents=True)
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(lonely / "only.png")
+    for i in range(3):  # 3: one image per split (an empty split is refused)
+        Image.new("RGB", (16, 16), (200, 30 + i, 30)).save(lonely / f"only{i}.png")
     params = folder_params(project, root)
     dmg("download", "mydata", "--params", params)
     out = dmg("preprocess", "mydata", "--params", params).output

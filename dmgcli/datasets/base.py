@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DmgError
+from ..fileio import shorten
 from ..params import DownloadParams, PreprocessParams
 
 SPLITS = ("train", "val", "test")
@@ -72,17 +73,30 @@ class DatasetInfo:
 
 
 def read_list(path: Path) -> list[tuple[int, str, int]]:
-    """Lines `relative/path.jpg label` -> (line number, path, label); blank lines skipped."""
+    """Lines `relative/path.jpg label` -> (line number, path, label); blank lines skipped.
+
+    A path must stay inside the images folder (no absolute path, no `..`): a list is read
+    from the raw folder, and a line like `photo/dog/../../../../etc/x` would otherwise put a
+    file from anywhere into the training set. Text must be UTF-8 (what every list is written in).
+    """
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DmgError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                               f"{exc.start + 1}); save the list as UTF-8") from None
             if not line.strip():
                 continue
             parts = line.rsplit(maxsplit=1)
             try:
                 rows.append((lineno, parts[0], int(parts[1])))
             except (IndexError, ValueError):
-                raise DmgError(f"{path}:{lineno}: expected `path label`, got {line.strip()!r}") from None
+                raise DmgError(f"{path}:{lineno}: expected `path label`, got {shorten(line.strip())!r}") from None
+            if parts[0].startswith(("/", "\\")) or ".." in parts[0].replace("\\", "/").split("/"):
+                raise DmgError(f"{path}:{lineno}: {shorten(parts[0])} leaves the dataset's images folder (an absolute "
+                               f"path or a '..' component); list paths are relative to images/")
     return rows
 
 

@@ -12,11 +12,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..archives import unsafe_reason
 from ..errors import DmgError
 from ..fetch import Manifest, find_files, find_folder, is_url
 from ..params import DownloadParams, FolderDatasetParams
 from .folder import FolderDataset
-from .sources import archive_or_folder, discard_download, download_path, fetch_archive, local_source, unpack
+from .sources import (archive_or_folder, discard_download, download_cap, download_path, fetch_archive, local_source,
+                      unpack)
 
 DOMAINBED_SPLIT = FolderDatasetParams(split="holdout", holdout=0.2, seed=0, augmentation="pacs", resize="squash",
                                       schedule="default")
@@ -31,7 +33,7 @@ class Benchmark(FolderDataset):
 
     def fetch_tree(self, out_dir: Path, stage: Path, manifest: Manifest, params: DownloadParams):
         name, url = self.archive
-        local = archive_or_folder(out_dir, params.source, url, name, self.name, params.retries, params.timeout)
+        local = archive_or_folder(out_dir, params.source, url, name, self.name, params)
         tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
         return local, tree, hashes
 
@@ -117,7 +119,8 @@ class TerraIncognita(Benchmark):
         url = base + rel
         hint = (f"fetch it by hand and run `dmg download terra_incognita --from FOLDER` with FOLDER holding "
                 f"{Path(TERRA_IMAGES).name} and {Path(TERRA_LABELS).name}")
-        return fetch_archive(url, download_path(out_dir, url, name), params.retries, params.timeout, hint)
+        return fetch_archive(url, download_path(out_dir, url, name), params.retries, params.timeout, hint,
+                             download_cap(self.name, params.allow_large))
 
     def download(self, out_dir: Path, params: DownloadParams) -> None:
         super().download(out_dir, params)
@@ -146,6 +149,9 @@ def sort_by_location(image_tree: Path, label_tree: Path, into: Path, where: str)
     for location, image_id, file_name in images:
         if location not in TERRA_LOCATIONS:
             continue
+        if unsafe_reason(str(file_name)):  # as a split list's line: never read a file outside the images
+            raise DmgError(f"{found[0].name}: image file_name {str(file_name)[:120]!r} leaves the image folder "
+                           f"({unsafe_reason(str(file_name))})")
         for name in by_image.get(image_id, []):
             if name in TERRA_CATEGORIES and (source / file_name).is_file():
                 target = into / f"location_{location}" / name / Path(file_name).name

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
+from ..fetch import sha256_file
 from ..fileio import atomic_path, write_json
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, report_path
@@ -28,18 +29,25 @@ def rotate(images, degrees: float):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def digits_source() -> Path:
+    """scikit-learn's own copy of the digits, the reference every raw copy is compared with."""
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+
+
 @dataclass(frozen=True)
 class Digits(DatasetInfo):
     generated = True
 
     def download(self, out_dir: Path, params: DownloadParams) -> None:
-        """The embedded dataset ships inside scikit-learn: copy its data file (no network)."""
-        import sklearn.datasets
-
-        source = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
-        target = out_dir / "digits.csv.gz"
-        if target.exists() and target.stat().st_size == source.stat().st_size:
+        """The embedded dataset ships inside scikit-learn: copy its data file (no network).
+        A copy whose content differs (not only its size: a flipped byte keeps the size) is replaced."""
+        source, target = digits_source(), out_dir / "digits.csv.gz"
+        if target.is_file() and sha256_file(target) == sha256_file(source):
             return
+        if target.exists():
+            print(f"digits: {target} differs from scikit-learn's copy; replaced", flush=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
 
@@ -56,12 +64,17 @@ class Digits(DatasetInfo):
         source = raw / "digits.csv.gz"
         if not source.exists():
             raise DmgError(f"{source} not found: run `dmg download digits` first")
+        if sha256_file(source) != sha256_file(digits_source()):  # the whole content, read in well under a second
+            raise DmgError(f"{source} differs from scikit-learn's copy (sha256): it is corrupt; run "
+                           f"`dmg download digits` to restore it")
         table = np.loadtxt(source, delimiter=",", dtype=np.float32)
         pixels, labels = table[:, :-1].reshape(-1, 1, 8, 8) / 16.0, table[:, -1].astype(np.int64)
         order = np.random.default_rng(params.seed).permutation(len(labels))
         shares = np.array_split(order, len(DIGITS_ANGLES))
         size = params.digits_size
-        from ..h5data import FileInfo, write_split, writing  # h5data imports torch: not at CLI start
+        from ..h5data import FileInfo, check_room, write_split, writing  # h5data imports torch: not at CLI start
+
+        check_room(out, len(labels), size * size)  # raw pixels, one channel
 
         file_info = FileInfo(dataset="digits", encoding="raw", height=size, width=size, channels=1,
                              classes=tuple(str(c) for c in range(10)), domains=self.domains,

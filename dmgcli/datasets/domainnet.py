@@ -11,7 +11,8 @@ from ..errors import DmgError
 from ..fetch import Manifest, download_url, find_files, is_url, staging
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, ImagePlan, SplitPlan, check_entry, read_list
-from .sources import adopt_or_verify, discard_download, install_file, install_folder, local_source, say, unpack
+from .sources import (adopt_or_verify, discard_download, download_cap, install_file, install_folder, local_source, say,
+                      unpack)
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 DOMAINNET_NUM_CLASSES = 345
@@ -23,6 +24,7 @@ DOMAINNET_ARCHIVES = {  # path of each domain's zip below DOMAINNET_URL (or a mi
     "quickdraw": "quickdraw.zip", "real": "real.zip", "sketch": "sketch.zip",
 }
 DOMAINNET_LISTS = "domainnet/txt/"  # official <domain>_{train,test}.txt below DOMAINNET_URL
+MAX_LIST_BYTES = 100 * 10**6  # the largest official list (real_train.txt) is about 5 MB
 TV_SPLITS = ("train", "val", "test")
 
 
@@ -93,7 +95,7 @@ def fetch_official_list(name: str, official: list[Path], folder: Path | None, ba
     hint = (f"fetch it by hand into {manifest.folder / 'splits' / 'official'}/ or pass --splits FOLDER "
             f"holding the official lists")
     with staging(manifest.folder, "list") as stage:
-        path = download_url(url, stage / name, params.retries, params.timeout, hint)
+        path = download_url(url, stage / name, params.retries, params.timeout, hint, max_bytes=MAX_LIST_BYTES)
         manifest.check_source(DOMAINNET_LISTS + name, path, url)
         install_file(path, manifest, rel, url)
     return 1
@@ -126,7 +128,8 @@ def fetch_domain(domain: str, folder: Path | None, base: str, manifest: Manifest
                 url = base + DOMAINNET_ARCHIVES[domain]
                 hint = (f"fetch it by hand and put it in {local.parent}/ or run `dmg download domainnet --from "
                         f"FOLDER` with FOLDER holding the six domain zips")
-                local = download_url(url, local, params.retries, params.timeout, hint)
+                local = download_url(url, local, params.retries, params.timeout, hint,
+                                     max_bytes=download_cap("domainnet", params.allow_large))
         tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
         root = tree / domain if hashes is not None else tree
         if not root.is_dir():

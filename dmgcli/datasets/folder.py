@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
-from ..fetch import Manifest, is_url, staging
+from ..fetch import Manifest, is_url, replace_dir, staging
 from ..params import DownloadParams, FolderDatasetParams, PreprocessParams
 from .base import RESIZE_MODES, DatasetInfo, ImagePlan, SplitPlan, kfold_plan
 from .pacs import find_kfold_lists, kfold_names
-from .sources import (adopt_or_verify, discard_download, download_path, fetch_archive, install_file, install_folder,
-                      local_source, say, unpack)
+from .sources import (adopt_or_verify, discard_download, download_cap, download_path, fetch_archive, install_file,
+                      local_source, say, stage_folder, unpack)
 
 LAYOUT = "<root>/<domain>/<class>/<image>"
 SPLIT_RULES = ("fractions", "holdout", "lists")
@@ -172,9 +172,11 @@ class FolderDataset(DatasetInfo):
             layout, _ = scan(root, str(local), self.source_folders())
             folders_by_domain = self.domain_folders(layout, str(local))
             lists = self.find_lists(params, tree, local, folders_by_domain) if self.spec.split == "lists" else {}
-            count = 0
-            for domain, folder in folders_by_domain.items():
-                count += install_folder(root / folder, hashes, tree, stage, manifest, f"images/{domain}/", str(local))
+            staged = {domain: stage_folder(root / folder, hashes, tree, stage, manifest, f"images/{domain}/",
+                                           str(local)) for domain, folder in folders_by_domain.items()}
+            for domain, (folder, _) in staged.items():  # every copy made (a full disk stops it) before any rename
+                replace_dir(folder, out_dir / "images" / domain)
+            count = sum(len(files) for _, files in staged.values())
             for name, path in lists.items():
                 install_file(path, manifest, f"splits/{name}", str(path))
             manifest.save()
@@ -188,14 +190,24 @@ class FolderDataset(DatasetInfo):
         if not source:
             raise DmgError(f"{self.name}: nothing to copy: pass --from FOLDER or ARCHIVE, or set "
                            f"datasets.{self.name}.root in params.yaml")
-        if is_url(source):
-            dest = download_path(out_dir, source, f"{self.name}.zip")
-            local = fetch_archive(source, dest, params.retries, params.timeout,
-                                  f"fetch {source} by hand and run `dmg download {self.name} --from FILE`")
-        else:
-            local = local_source(source)
+        if params.source:
+            local = self.fetch_source(out_dir, source, params)
+        else:  # a bad root is params.yaml's to fix: the message names the key, not --from
+            try:
+                local = self.fetch_source(out_dir, source, params)
+            except DmgError as exc:
+                raise DmgError(f"params: datasets.{self.name}.root: {str(exc).removeprefix('--from ')}") from None
         tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
         return local, tree, hashes
+
+    def fetch_source(self, out_dir: Path, source: str, params: DownloadParams) -> Path:
+        """The local folder or archive `source` names, downloading it first if it is a URL."""
+        if not is_url(source):
+            return local_source(source)
+        dest = download_path(out_dir, source, f"{self.name}.zip")
+        return fetch_archive(source, dest, params.retries, params.timeout,
+                             f"fetch {source} by hand and run `dmg download {self.name} --from FILE`",
+                             download_cap(self.name, params.allow_large))
 
     def find_root(self, tree: Path, where: str) -> Path:
         return unwrap(tree)

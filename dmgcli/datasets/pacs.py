@@ -5,11 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DmgError
-from ..fetch import Manifest, find_files, find_folder, sha256_file, staging
+from ..fetch import Manifest, find_files, find_folder, replace_dir, sha256_file, staging
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, ImagePlan, kfold_plan
-from .sources import (adopt_or_verify, archive_or_folder, discard_download, install_file, install_folder, say,
-                      unpack)
+from .sources import adopt_or_verify, archive_or_folder, discard_download, install_file, say, stage_folder, unpack
 
 PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")  # label order (alphabetical)
 PACS_DRIVE_ID = "1m4X4fROCCXMO0lRLrr6Zz9Vb3974NWhE"  # Dassl's pacs.zip: images/ and splits/*_kfold.txt
@@ -43,7 +42,7 @@ class Pacs(DatasetInfo):
             return
         with staging(out_dir, "fetch") as stage:
             local = archive_or_folder(out_dir, params.source, f"https://drive.google.com/uc?id={PACS_DRIVE_ID}",
-                                      PACS_ARCHIVE, "pacs", params.retries, params.timeout)
+                                      PACS_ARCHIVE, "pacs", params)
             tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
             domains = set(self.domains)
             root = find_folder(tree, domains)
@@ -58,12 +57,15 @@ class Pacs(DatasetInfo):
                                f"--splits FOLDER holding the official <domain>_{{train,crossval,test}}_kfold.txt lists")
             for name in names:  # checked before anything is put in place
                 manifest.check_file(f"splits/{name}", sha256_file(lists[name]), str(lists[name]))
-            for name in names:  # before the images: lists inside the image folder move with it
+            # the images are staged first (a user's folder copied: the step a full disk stops), then the
+            # lists are installed before the images are renamed into place: lists inside the image folder move with it
+            images, hashes = stage_folder(root, hashes, tree, stage, manifest, "images/", str(local))
+            for name in names:
                 install_file(lists[name], manifest, f"splits/{name}", str(lists[name]))
-            count = install_folder(root, hashes, tree, stage, manifest, "images/", str(local))
+            replace_dir(images, out_dir / "images")
             manifest.save()
         discard_download(local, out_dir)
-        say(f"pacs: {count} files in {out_dir / 'images'} and {len(names)} split lists in {out_dir / 'splits'}, "
+        say(f"pacs: {len(hashes)} files in {out_dir / 'images'} and {len(names)} split lists in {out_dir / 'splits'}, "
             f"sha256 recorded in {manifest.path}")
 
     def plan(self, raw: Path, params: PreprocessParams) -> ImagePlan:

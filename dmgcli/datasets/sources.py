@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..archives import replace_dir, safe_extract, safe_extract_tar
 from ..errors import DmgError
-from ..fetch import (Manifest, copy_file, copy_tree, download_gdrive, download_url, is_gdrive, is_url, replace_dir,
-                     safe_extract, safe_extract_tar, sha256_file, subtree, url_basename)
+from ..fetch import Manifest, copy_file, copy_tree, sha256_file, subtree
+from ..params import DownloadParams
+from ..transfer import MAX_DOWNLOAD, download_gdrive, download_url, is_gdrive, is_url, url_basename
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
@@ -34,9 +36,15 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith((".zip", *TAR_SUFFIXES))
 
 
-# The most one zip of a dataset can expand to (PACS: 0.2 GB; DomainNet's largest domain, real: 6 GB);
+# The most one archive of a dataset can expand to (PACS: 0.2 GB; DomainNet's largest domain, real: 6 GB);
 # more means a wrong or malicious file (--allow-large overrides). Other datasets: the ratio check only.
+# A download is capped likewise (an archive is no larger than what it holds), else at MAX_DOWNLOAD.
 MAX_EXTRACTED = {"pacs": 5 * 10**9, "domainnet": 50 * 10**9}
+
+
+def download_cap(dataset: str, allow_large: bool) -> int | None:
+    """The most one download of `dataset` may take (None: no cap, --allow-large; a full disk still stops it)."""
+    return None if allow_large else MAX_EXTRACTED.get(dataset, MAX_DOWNLOAD)
 
 
 def unpack(local: Path, stage: Path, manifest: Manifest, name: str = "unpacked",
@@ -44,15 +52,14 @@ def unpack(local: Path, stage: Path, manifest: Manifest, name: str = "unpacked",
     """A zip or tar is checked against the manifest and extracted into the stage; a folder is used as is.
 
     Returns the folder and, for an extracted archive, its files' sha256 (None for a user's folder).
-    A zip whose expansion is implausible for the dataset is refused unless `allow_large`.
+    An archive whose expansion is implausible for the dataset is refused unless `allow_large`.
     """
     if local.is_dir():
         return local, None
     manifest.check_source(local.name, local, str(local))
     unpacked = stage / name
-    if local.name.lower().endswith(TAR_SUFFIXES):
-        return unpacked, safe_extract_tar(local, unpacked)
-    return unpacked, safe_extract(local, unpacked, MAX_EXTRACTED.get(manifest.dataset), allow_large)
+    extract = safe_extract_tar if local.name.lower().endswith(TAR_SUFFIXES) else safe_extract
+    return unpacked, extract(local, unpacked, MAX_EXTRACTED.get(manifest.dataset), allow_large)
 
 
 def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage: Path, manifest: Manifest,
@@ -62,6 +69,15 @@ def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage:
     `hashes` (paths relative to base) come from extraction, so the folder is already inside
     the stage and is renamed. A user's folder (hashes None) is copied, never moved or linked.
     """
+    staged, hashes = stage_folder(root, hashes, base, stage, manifest, prefix, origin)
+    replace_dir(staged, manifest.folder / prefix.rstrip("/"))
+    return len(hashes)
+
+
+def stage_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage: Path, manifest: Manifest,
+                 prefix: str, origin: str) -> tuple[Path, dict[str, str]]:
+    """The folder `root` inside the stage (a user's folder copied there), checked against the manifest:
+    the part of `install_folder` that writes, so that a full disk stops a download before it installs anything."""
     if hashes is None:
         copy = stage / ("copy-" + prefix.strip("/").replace("/", "-"))
         hashes, root = copy_tree(root, copy), copy
@@ -70,8 +86,7 @@ def install_folder(root: Path, hashes: dict[str, str] | None, base: Path, stage:
     if not hashes:
         raise DmgError(f"{origin}: no files found for {prefix}")
     manifest.check_files(prefix, hashes, origin)
-    replace_dir(root, manifest.folder / prefix.rstrip("/"))
-    return len(hashes)
+    return root, hashes
 
 
 def install_file(source: Path, manifest: Manifest, rel: str, origin: str) -> None:
@@ -109,21 +124,22 @@ def download_path(out_dir: Path, url: str, name: str) -> Path:
     return out_dir / "downloads" / (name if is_gdrive(url) else url_basename(url))
 
 
-def fetch_archive(url: str, dest: Path, retries: int, timeout: float, hint: str) -> Path:
+def fetch_archive(url: str, dest: Path, retries: int, timeout: float, hint: str,
+                  max_bytes: int | None = MAX_DOWNLOAD) -> Path:
     """A finished download at dest, or `url` (Google Drive through gdown) fetched there."""
     if dest.exists():  # a download that finished earlier, or a file put there by hand
         return dest
     if is_gdrive(url):
         return download_gdrive(url, dest, retries, timeout, hint)
-    return download_url(url, dest, retries, timeout, hint)
+    return download_url(url, dest, retries, timeout, hint, max_bytes=max_bytes)
 
 
 def archive_or_folder(out_dir: Path, source: str | None, default_url: str, name: str, dataset: str,
-                      retries: int, timeout: float) -> Path:
+                      params: DownloadParams) -> Path:
     """The zip, tar or folder to take a one-archive dataset from: --from, a finished download, or its URL."""
     if source and not is_url(source):
         return local_source(source)
     url = source or default_url
     dest = download_path(out_dir, url, name)
     hint = f"fetch {url} by hand and run `dmg download {dataset} --from PATH/{dest.name}` (or save it as {dest})"
-    return fetch_archive(url, dest, retries, timeout, hint)
+    return fetch_archive(url, dest, params.retries, params.timeout, hint, download_cap(dataset, params.allow_large))
