@@ -8,21 +8,94 @@ fails at once; this module and dmgcli/params.py import no torch.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from . import __version__
 from .datasets import BUILT_IN, declare, get_dataset, resolve_dataset
 from .errors import DmgError
 from .fileio import shorten
 from .params import Params, load_params, override
 
+# `dmg --help` lists the commands in pipeline order (dvc.yaml's stages), then the tools.
+COMMAND_ORDER = ("check", "download", "preprocess", "train", "evaluate", "sweep", "report", "study", "info", "bench")
+
+
+class PipelineOrder(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None)  # plain click help: no "<bool>" labels, long defaults wrap
+                  rich_markup_mode=None, cls=PipelineOrder)  # plain click help: no "<bool>" labels, long defaults wrap
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dmg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                              help="Print dmg's version and exit.")):
+    """DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report."""
+
+
+# The params.yaml key behind each option whose default comes from there: `--help` shows its value.
+TRAIN_KEYS = ("target", "backbone", "method", "seed", "epochs", "batch_size", "lr", "mask_lr", "overlap_lambda",
+              "pretrained", "device", "precision", "compile", "compile_mode", "workers", "resident")
+HELP_DEFAULTS = {
+    "download": {"source": "download.source", "splits": "download.splits"},
+    "preprocess": {k: f"preprocess.{k}" for k in ("image_size", "workers", "encoding")},
+    "train": {"dataset": "dataset", **{k: f"train.{k}" for k in TRAIN_KEYS}},
+    "evaluate": {"dataset": "dataset", **{k: f"train.{k}" for k in ("target", "backbone", "method", "seed")},
+                 "average_over": "evaluate.average_over", "device": "evaluate.device"},
+    "report": {"dataset": "dataset", "fmt": "report.format", "figures": "report.figures"},
+    "sweep": {"dataset": "dataset", "lambdas": "report.sweep.lambdas", "targets": "report.sweep.targets",
+              "seeds": "report.sweep.seeds", "epochs": "report.sweep.epochs", "device": "train.device"},
+    "study": {k: f"matrix.{k}" for k in ("targets", "methods", "backbones", "seeds")},
+}
+
+
+def help_defaults(command: str, path: Path = Path("params.yaml")) -> dict[str, str]:
+    """Option name -> its value in params.yaml of the current folder, as --help shows it.
+
+    Read only when help is shown (about 20 ms, no torch); no file or a broken one: none shown."""
+    keys = HELP_DEFAULTS.get(command, {})
+    if not keys or not path.is_file():
+        return {}
+    try:
+        params = load_params(path)
+    except DmgError:
+        return {}
+    shown = {}
+    for option, key in keys.items():
+        value = functools.reduce(getattr, key.split("."), params)
+        if value is not None:
+            text = " ".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            shown[option] = f"{text} from params.yaml"
+    return shown
+
+
+class ParamsHelp(TyperCommand):
+    """A command whose --help shows, as each option's default, the value params.yaml gives it."""
+
+    def format_options(self, ctx, formatter) -> None:
+        for param in self.params:
+            default = help_defaults(self.name).get(param.name)
+            if default:
+                param.show_default = default
+        super().format_options(ctx, formatter)
 
 DEFAULTS = "defaults"  # --params defaults: the built-in defaults, no file
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params",
@@ -94,6 +167,16 @@ def load(params_file: Path) -> Params:
 DATASET_NAMES = ", ".join(BUILT_IN)
 
 
+def cpu_threads_for(backbone: str) -> None:
+    """The digits' convnet computes with one CPU thread (unless OMP_NUM_THREADS says otherwise).
+
+    Its 16 px tensors are too small to share out: a second thread only waits, and on a busy
+    machine the threads spin while waiting for each other (measured on 2 shared cores at load
+    3-5: 6 DMG epochs took 26-34 s with 2 threads, 7-8 s with 1). Set before torch loads."""
+    if backbone == "convnet":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def params_with_train_flags(params_file: Path, **flags):
     """Load params, apply train-section flags, and resolve the dataset from --dataset/--target."""
     params = load(params_file)
@@ -103,7 +186,7 @@ def params_with_train_flags(params_file: Path, **flags):
     return params, train, info
 
 
-@app.command(short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
+@app.command(cls=ParamsHelp, short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
 @handle_errors
 def download(
     dataset: str = typer.Argument("digits", help=f"Dataset to fetch: {DATASET_NAMES} (VLCS, Office-Home, TerraIncognita from DomainBed's sources), or a folder dataset declared in params.yaml's datasets: section."),
@@ -121,7 +204,7 @@ def download(
     typer.echo(f"{dataset}: raw files in {out}")
 
 
-@app.command(short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
+@app.command(cls=ParamsHelp, short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
 @handle_errors
 def preprocess(
     dataset: str = typer.Argument("digits", help=f"Dataset to convert: {DATASET_NAMES} or a declared folder dataset."),
@@ -139,7 +222,7 @@ def preprocess(
     typer.echo(f"{dataset}: {out}")
 
 
-@app.command(short_help='Train one leave-one-domain-out run.')
+@app.command(cls=ParamsHelp, short_help='Train one leave-one-domain-out run.')
 @handle_errors
 def train(
     target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
@@ -176,6 +259,7 @@ def train(
         method=method, seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, overlap_lambda=overlap_lambda, pretrained=pretrained, device=device,
         precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident)
+    cpu_threads_for(train_params.backbone)
     from stages.train import train as run  # torch: only after the arguments are known to be good
 
     from .distributed import is_main_process
@@ -186,7 +270,7 @@ def train(
                    f"params {params_file}): {folder}")
 
 
-@app.command(short_help='Score a run in and out of domain: its metrics files.')
+@app.command(cls=ParamsHelp, short_help='Score a run in and out of domain: its metrics files.')
 @handle_errors
 def evaluate(
     target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
@@ -212,6 +296,7 @@ def evaluate(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed)
     eval_params = override(params.evaluate, average_over=average_over, device=device)
+    cpu_threads_for(train_params.backbone)
     from stages.evaluate import evaluate as run  # torch: only after the arguments are known to be good
 
     from .distributed import is_main_process
@@ -261,7 +346,7 @@ def bench(
     typer.echo(describe(results))
 
 
-@app.command(short_help="Tables beside the paper's, figures, index.md.")
+@app.command(cls=ParamsHelp, short_help="Tables beside the paper's, figures, index.md.")
 @handle_errors
 def report(
     table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
@@ -306,7 +391,7 @@ def report(
         typer.echo(text, nl=False)
 
 
-@app.command(short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
+@app.command(cls=ParamsHelp, short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
 @handle_errors
 def sweep(
     dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
@@ -329,6 +414,7 @@ def sweep(
                         targets=tuple(targets) if targets else None, seeds=tuple(seeds) if seeds else None,
                         epochs=epochs)
     train_params = override(params.train, device=device)
+    cpu_threads_for(train_params.backbone)
     from stages.sweep import sweep as run  # torch: only after the arguments are known to be good
 
     summary = run(info, params.data_dir, train_params, override(params.evaluate, device=device), settings,
@@ -351,7 +437,7 @@ def check(params_file: Path = PARAMS_OPTION):
     typer.echo(f"{params_file}: {run(params)}")
 
 
-@app.command(short_help="Train and evaluate the whole matrix, several runs at once.")
+@app.command(cls=ParamsHelp, short_help="Train and evaluate the whole matrix, several runs at once.")
 @handle_errors
 def study(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),
