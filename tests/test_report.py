@@ -250,7 +250,7 @@ def _set_protocol(headline: Path, **changes) -> None:
 
 def test_seeds_under_different_protocols_are_refused_naming_the_keys(metrics):
     _set_protocol(metrics / "digits/convnet/dmg/rot0/seed1.json", epochs=2, batch_size=32)
-    with pytest.raises(DmgError, match=r"different protocols \(epochs 2 vs 48, batch_size 32 vs 64\)"):
+    with pytest.raises(DmgError, match=r"different protocols \(epochs 2 vs 96, batch_size 32 vs 64\)"):
         report.load_runs(metrics, "digits")
 
 
@@ -273,12 +273,65 @@ def test_old_metrics_unfinished_runs_and_other_lambda_are_marked(in_fixtures, me
     table = report.paper_document(2, "metrics", SEEDS).tables[0]
     assert cell(table, "Aggregate*", "alexnet", "sketch").marks == ("protocol unknown (seed 0)",)
     ood = report.default_document("digits", MATRIX, "metrics").tables[0]
-    assert cell(ood, "DMG", "convnet", "rot30").marks == ("unfinished run (seed 0: 2 of 48 epochs)",)
+    assert cell(ood, "DMG", "convnet", "rot30").marks == ("unfinished run (seed 0: 2 of 96 epochs)",)
     assert cell(ood, "DMG", "convnet", "rot0").marks == ()  # the digits defaults
     for seed in (0, 1):
         _set_protocol(metrics / f"digits/convnet/dmg/rot0/seed{seed}.json", overlap_lambda=0.5)
     ood = report.default_document("digits", MATRIX, metrics).tables[0]
     assert cell(ood, "DMG", "convnet", "rot0").marks == ("lambda_O 0.5 (not 0.1) (vs the defaults)",)
+
+
+def _folder_run(metrics: Path, name: str, method: str, target: str, **protocol) -> None:
+    """A metrics file of a folder dataset's run: a copy of a digits DMG run, renamed."""
+    data = json.loads((FIXTURES / "metrics/digits/convnet/dmg/rot0/seed0.details.json").read_text())
+    data.update(dataset=name, method=method, target=target, sources=["b", "c"])
+    data["protocol"].update(protocol)
+    folder = metrics / name / "convnet" / method / target
+    folder.mkdir(parents=True)
+    (folder / "seed0.details.json").write_text(json.dumps(data))
+    (folder / "seed0.json").write_text(json.dumps({"out_of_domain": 50.0}))
+
+
+@pytest.fixture
+def declared():
+    """A folder dataset `mydata` (domains a, b, c) declared at 32 px without crops, as in params.yaml."""
+    from dmgcli.datasets import declare
+    from dmgcli.params import FolderDatasetParams, Params
+
+    declare(Params(datasets={"mydata": FolderDatasetParams(domains=("a", "b", "c"), image_size=32,
+                                                           augmentation="none")}))
+    yield
+    declare(Params())
+
+
+def test_a_folder_datasets_declared_size_is_no_deviation_but_a_changed_schedule_is(metrics, declared):
+    """Marks compare with the protocol that applies: the declaration (32 px, no crops) and the
+    `default` schedule it names (DMG 75 epochs, lr 1e-4), not the digits or the paper's."""
+    follows = dict(image_size=32, crop=None, epochs=75, schedule_epochs=75, epochs_run=75, lr=1e-4, mask_lr=1e-4)
+    _folder_run(metrics, "mydata", "dmg", "a", **follows)
+    _folder_run(metrics, "mydata", "aggregate", "a", **{**follows, "epochs": 50, "schedule_epochs": 50})
+    # params.yaml's `default` schedule edited to 20 epochs at lr 1e-3: the run says 20 of its 20
+    _folder_run(metrics, "mydata", "dmg", "b", **{**follows, "epochs": 20, "schedule_epochs": 20, "lr": 1e-3})
+    _folder_run(metrics, "mydata", "dmg", "c", **{**follows, "image_size": 64})
+    matrix = MatrixParams(targets=("a", "b", "c"), methods=("aggregate", "dmg"), backbones=("convnet",), seeds=(0,))
+    ood = report.default_document("mydata", matrix, metrics).tables[0]
+    assert cell(ood, "DMG", "convnet", "a").marks == () and cell(ood, "Aggregate", "convnet", "a").marks == ()
+    assert cell(ood, "DMG", "convnet", "b").marks == ("20 of 75 epochs; lr 0.001 (not 0.0001) (vs mydata's declaration)",)
+    assert cell(ood, "DMG", "convnet", "c").marks == ("stored at 64 px (vs mydata's declaration)",)
+
+
+def test_a_changed_digits_schedule_is_marked(metrics):
+    for seed in (0, 1):  # params.yaml's digits schedule edited: 48 epochs, mask lr 0.05; each run did all its epochs
+        _set_protocol(metrics / f"digits/convnet/dmg/rot0/seed{seed}.json", epochs=48, schedule_epochs=48,
+                      epochs_run=48, mask_lr=0.05)
+    ood = report.default_document("digits", MATRIX, metrics).tables[0]
+    assert cell(ood, "DMG", "convnet", "rot0").marks == ("48 of 96 epochs; mask lr 0.05 (not 0.01) (vs the defaults)",)
+
+
+def test_the_reports_crop_is_the_training_crop():
+    from dmgcli import augment, results
+
+    assert results.CROP == augment.CROP
 
 
 def test_marks_appear_in_every_format(in_fixtures):
