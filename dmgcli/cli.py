@@ -8,6 +8,7 @@ fails at once; this module and dmgcli/params.py import no torch.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -268,6 +269,15 @@ def train(
     if is_main_process():
         typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}, "
                    f"params {params_file}): {folder}")
+        warn_if_still_learning(folder)
+
+
+def warn_if_still_learning(folder: Path) -> None:
+    """One line when the run's best epoch came in the last tenth with validation still rising (run.json)."""
+    run = json.loads((folder / "run.json").read_text())
+    if run["protocol"].get("still_learning"):
+        typer.echo(f"warning: may not have finished learning: best epoch {run['best']['epoch']} of {run['epochs']}, "
+                   f"source validation still rising; train longer (--epochs N --resume continues this run)", err=True)
 
 
 @app.command(cls=ParamsHelp, short_help='Score a run in and out of domain: its metrics files.')

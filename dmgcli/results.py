@@ -12,6 +12,7 @@ Metrics files written before the split hold everything in seed<N>.json; they are
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -125,6 +126,28 @@ def protocol_differences(protocol: dict, reference: dict, method: str) -> list[s
     return parts
 
 
+def still_learning(val_accuracy: list[float], epochs: int) -> bool:
+    """Whether a run may not have finished learning: its best source-validation epoch lies in the
+    last tenth of the schedule and validation was still rising there (the last tenth's mean above
+    the tenth's before; a single epoch cannot show that). val_accuracy: one value per epoch, all `epochs` of them."""
+    tenth = math.ceil(epochs / 10)
+    if not val_accuracy or len(val_accuracy) < epochs:
+        return False
+    best = max(range(epochs), key=lambda e: (val_accuracy[e], -e)) + 1  # the first best, as training selects it
+    last, before = val_accuracy[epochs - tenth:epochs], val_accuracy[max(0, epochs - 2 * tenth):epochs - tenth]
+    return best > epochs - tenth and bool(before) and statistics.fmean(last) > statistics.fmean(before)
+
+
+def learning_note(records: dict[int, "Record"]) -> str | None:
+    """"may not have finished learning (seed 0: best epoch 95 of 96)" for the seeds whose run said so."""
+    seeds = [(s, r.data) for s, r in sorted(records.items()) if (r.data.get("protocol") or {}).get("still_learning")]
+    if not seeds:
+        return None
+    return "may not have finished learning (" + ", ".join(
+        f"seed {s}: best epoch {d['selection']['best_epoch']} of {d['protocol']['epochs']}" for s, d in seeds) + \
+        ", source validation still rising)"
+
+
 def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[str, ...]:
     """What a reader must know about a cell's runs, in words; empty when they follow the reference."""
     marks = []
@@ -141,6 +164,9 @@ def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[
         differences = protocol_differences(known[0], reference, method)
         if differences:
             marks.append("; ".join(differences) + f" (vs {what})")
+    note = learning_note(records)
+    if note:
+        marks.append(note)
     return tuple(marks)
 
 

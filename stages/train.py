@@ -38,6 +38,7 @@ from dmgcli.fileio import run_lock, write_json, write_text
 from dmgcli.h5data import SplitReader, read_info
 from dmgcli.methods import Method, MethodConfig, build_method
 from dmgcli.params import TrainParams
+from dmgcli.results import still_learning
 
 
 @dataclass(frozen=True)
@@ -316,5 +317,6 @@ def _train(info: DatasetInfo, h5: Path, spec: RunSpec, params: TrainParams, out:
                                       "schedule": dataclasses.asdict(schedule), "device": str(device),
                                       "processes": proc.world, "batch_size": params.batch_size,
                                       "precision": precision, "torch": torch.__version__,
-                                      "protocol": {**protocol, "epochs_run": len(rows)}})
+                                      "protocol": {**protocol, "epochs_run": len(rows), "still_learning": still_learning(
+                                          [r["val_accuracy"] for r in rows], epochs)}})
     return out

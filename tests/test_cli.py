@@ -205,6 +205,20 @@ def test_metrics_headline_is_small_and_the_protocol_is_recorded(workdir):
     assert "[a] 2 of 96 epochs; batch 32 (not 64) (vs the defaults)" in text
 
 
+def test_a_run_still_learning_at_its_end_is_warned_about_and_marked(workdir):
+    """Aggregate from scratch climbs fast in its first epochs (seed 0: about 30, 57, 71 %): after 3
+    epochs the best is the last and validation still rises, so train warns and the report marks it."""
+    trained = dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "3")
+    assert [line for line in trained.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: may not have finished learning: best epoch 3 of 3, source validation still rising; train longer "
+        "(--epochs N --resume continues this run)"]
+    run = json.loads((workdir / "data/runs/digits/convnet/aggregate/rot0/seed0/run.json").read_text())
+    assert run["protocol"]["still_learning"] is True
+    dmg("evaluate", "--target", "rot0", "--method", "aggregate")
+    text = dmg("report", "--no-figures").output
+    assert "may not have finished learning (seed 0: best epoch 3 of 3, source validation still rising)" in text
+
+
 def test_check_names_the_bad_matrix_entry(workdir):
     write_params(workdir, matrix={"targets": ["rot0", "rot31"]})
     one_line_error(dmg("check", ok=False), "params: matrix.targets: unknown domain 'rot31' for dataset digits")

@@ -328,6 +328,28 @@ def test_a_changed_digits_schedule_is_marked(metrics):
     assert cell(ood, "DMG", "convnet", "rot0").marks == ("48 of 96 epochs; mask lr 0.05 (not 0.01) (vs the defaults)",)
 
 
+def test_still_learning_needs_a_late_best_epoch_and_rising_validation():
+    from dmgcli.results import still_learning
+
+    assert still_learning([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0], 10)  # rising to the end
+    assert not still_learning([10.0, 90.0, 80.0, 85.0, 84.0, 83.0, 82.0, 81.0, 80.0, 79.0], 10)  # best long ago
+    flat = [50.0] * 16 + [85.0, 84.0, 83.0, 86.0]  # 20 epochs: best at 20, but the last tenth is no higher
+    assert not still_learning(flat, 20)
+    assert still_learning([50.0] * 16 + [83.0, 84.0, 85.0, 86.0], 20)
+    assert not still_learning([10.0, 20.0], 3)  # not all epochs run
+    assert not still_learning([10.0], 1)  # one epoch shows no trend
+    assert still_learning([10.0] * 86 + [20.0] * 9 + [21.0], 96)  # best 96 in 87..96, whose mean beats 77..86's
+
+
+def test_a_run_that_may_not_have_finished_learning_is_marked(metrics):
+    details = json.loads((metrics / "digits/convnet/dmg/rot0/seed1.details.json").read_text())
+    _set_protocol(metrics / "digits/convnet/dmg/rot0/seed1.json", still_learning=True)
+    ood = report.default_document("digits", MATRIX, metrics).tables[0]
+    best = details["selection"]["best_epoch"]
+    assert cell(ood, "DMG", "convnet", "rot0").marks == (
+        f"may not have finished learning (seed 1: best epoch {best} of 96, source validation still rising)",)
+
+
 def test_the_reports_crop_is_the_training_crop():
     from dmgcli import augment, results
 
