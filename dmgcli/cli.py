@@ -16,23 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .datasets import BUILT_IN, declare, get_dataset, resolve_dataset
 from .errors import DmgError
 from .fileio import shorten
+from .help import ParamsHelp, PipelineOrder
 from .params import Params, load_params, override
-
-# `dmg --help` lists the commands in pipeline order (dvc.yaml's stages), then the tools.
-COMMAND_ORDER = ("check", "download", "preprocess", "train", "evaluate", "sweep", "report", "study", "info", "bench")
-
-
-class PipelineOrder(TyperGroup):
-    def list_commands(self, ctx) -> list[str]:
-        names = super().list_commands(ctx)
-        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
-
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -50,53 +40,6 @@ def main_options(version: bool = typer.Option(False, "--version", is_eager=True,
                                               help="Print dmg's version and exit.")):
     """DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report."""
 
-
-# The params.yaml key behind each option whose default comes from there: `--help` shows its value.
-TRAIN_KEYS = ("target", "backbone", "method", "seed", "epochs", "batch_size", "lr", "mask_lr", "overlap_lambda",
-              "pretrained", "device", "precision", "compile", "compile_mode", "workers", "resident")
-HELP_DEFAULTS = {
-    "download": {"source": "download.source", "splits": "download.splits"},
-    "preprocess": {k: f"preprocess.{k}" for k in ("image_size", "workers", "encoding")},
-    "train": {"dataset": "dataset", **{k: f"train.{k}" for k in TRAIN_KEYS}},
-    "evaluate": {"dataset": "dataset", **{k: f"train.{k}" for k in ("target", "backbone", "method", "seed")},
-                 "average_over": "evaluate.average_over", "device": "evaluate.device"},
-    "report": {"dataset": "dataset", "fmt": "report.format", "figures": "report.figures"},
-    "sweep": {"dataset": "dataset", "lambdas": "report.sweep.lambdas", "targets": "report.sweep.targets",
-              "seeds": "report.sweep.seeds", "epochs": "report.sweep.epochs", "device": "train.device"},
-    "study": {k: f"matrix.{k}" for k in ("targets", "methods", "backbones", "seeds")},
-}
-
-
-def help_defaults(command: str, path: Path = Path("params.yaml")) -> dict[str, str]:
-    """Option name -> its value in params.yaml of the current folder, as --help shows it.
-
-    Read only when help is shown (about 20 ms, no torch); no file or a broken one: none shown."""
-    keys = HELP_DEFAULTS.get(command, {})
-    if not keys or not path.is_file():
-        return {}
-    try:
-        params = load_params(path)
-    except DmgError:
-        return {}
-    shown = {}
-    for option, key in keys.items():
-        value = functools.reduce(getattr, key.split("."), params)
-        if value is not None:
-            text = " ".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() \
-                if isinstance(value, bool) else str(value)
-            shown[option] = f"{text} from params.yaml"
-    return shown
-
-
-class ParamsHelp(TyperCommand):
-    """A command whose --help shows, as each option's default, the value params.yaml gives it."""
-
-    def format_options(self, ctx, formatter) -> None:
-        for param in self.params:
-            default = help_defaults(self.name).get(param.name)
-            if default:
-                param.show_default = default
-        super().format_options(ctx, formatter)
 
 DEFAULTS = "defaults"  # --params defaults: the built-in defaults, no file
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params",
