@@ -452,7 +452,7 @@ def test_sweep_settings_are_checked():
 
 @pytest.mark.slow
 def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
-    """Download, preprocess, sweep all five lambda_O for one epoch each, then report it (about a minute)."""
+    """Download, preprocess, sweep the default lambda_O values for one epoch each, then report it (about a minute)."""
     monkeypatch.chdir(tmp_path)
     # the schedule's epochs, not --epochs: the summary must say how many that was (it said "None")
     (tmp_path / "params.yaml").write_text("dataset: digits\ndata_dir: data\nmatrix:\n  targets: [rot0]\n"
@@ -464,7 +464,7 @@ def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "data/sweeps/digits/sweep.json").read_text())
     assert summary["epochs"] == 1
-    assert [r["lambda"] for r in summary["summary"]] == [0.0, 0.01, 0.1, 0.5, 1.0]
+    assert [r["lambda"] for r in summary["summary"]] == [0.0, 0.1, 1.0]
     for row in summary["summary"]:
         assert 0 <= row["out_of_domain"]["mean"] <= 100 and 0 <= row["mean_iou"]["mean"] <= 1
     assert _is_png(tmp_path / "data/sweeps/digits/lambda_sweep.png")
