@@ -468,7 +468,7 @@ def test_sweep_runs_end_to_end_on_digits(tmp_path, monkeypatch):
     for row in summary["summary"]:
         assert 0 <= row["out_of_domain"]["mean"] <= 100 and 0 <= row["mean_iou"]["mean"] <= 1
     assert _is_png(tmp_path / "data/sweeps/digits/lambda_sweep.png")
-    for lam in ("0", "0.01", "0.1", "0.5", "1"):
+    for lam in ("0", "0.1", "1"):  # the default lambda_O values
         assert (tmp_path / f"data/sweeps/digits/lambda{lam}/rot0/seed0/metrics.json").exists()
     result = runner.invoke(app, ["report", "--no-figures"])
     assert result.exit_code == 0, result.output
