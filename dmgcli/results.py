@@ -138,12 +138,15 @@ def still_learning(val_accuracy: list[float], epochs: int) -> bool:
     return best > epochs - tenth and bool(before) and statistics.fmean(last) > statistics.fmean(before)
 
 
+STILL_LEARNING = "may not have finished learning"
+
+
 def learning_note(records: dict[int, "Record"]) -> str | None:
     """"may not have finished learning (seed 0: best epoch 95 of 96)" for the seeds whose run said so."""
     seeds = [(s, r.data) for s, r in sorted(records.items()) if (r.data.get("protocol") or {}).get("still_learning")]
     if not seeds:
         return None
-    return "may not have finished learning (" + ", ".join(
+    return f"{STILL_LEARNING} (" + ", ".join(
         f"seed {s}: best epoch {d['selection']['best_epoch']} of {d['protocol']['epochs']}" for s, d in seeds) + \
         ", source validation still rising)"
 
