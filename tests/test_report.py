@@ -350,7 +350,7 @@ def test_a_run_that_may_not_have_finished_learning_is_marked(metrics):
         f"may not have finished learning (seed 1: best epoch {best} of 96, source validation still rising)",)
     # the Overall counts such columns instead of repeating each run's note
     assert cell(ood, "DMG", "convnet", "overall").marks == (
-        "unfinished run (seed 0: 2 of 96 epochs)", "may not have finished learning (1 of 2 targets)")
+        "unfinished run (seed 0: 2 of 96 epochs)", "may not have finished learning (1 of 6 targets)")
 
 
 def test_the_reports_crop_is_the_training_crop():
