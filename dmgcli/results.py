@@ -76,8 +76,8 @@ def reference_protocol(dataset: str, method: str) -> tuple[str, dict]:
     dataset, its declaration in params.yaml: a declared image_size or augmentation is no
     deviation). The schedule (epochs, learning rates) is the built-in one the dataset names, so
     a schedule changed in params.yaml is marked; a schedule only a declaration defines (not
-    built in) is the run's own. pretrained None: not compared (the paper's datasets and digits
-    only say which start they use)."""
+    built in) is the run's own. The start (pretrained or not) is compared only for the paper's
+    datasets and digits: for the others it is the user's choice, so its value is None."""
     from .datasets import get_dataset  # the declared folder datasets, registered by the CLI
 
     info = get_dataset(dataset)
@@ -129,7 +129,7 @@ def protocol_differences(protocol: dict, reference: dict, method: str) -> list[s
 def still_learning(val_accuracy: list[float], epochs: int) -> bool:
     """Whether a run may not have finished learning: its best source-validation epoch lies in the
     last tenth of the schedule and validation was still rising there (the last tenth's mean above
-    the tenth's before; a single epoch cannot show that). val_accuracy: one value per epoch, all `epochs` of them."""
+    the tenth's before; a single epoch cannot show that). val_accuracy: one value per epoch."""
     tenth = math.ceil(epochs / 10)
     if not val_accuracy or len(val_accuracy) < epochs:
         return False
