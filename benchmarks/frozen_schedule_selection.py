@@ -32,8 +32,7 @@ from stages.train import train  # noqa: E402
 CANDIDATES = [
     ("aggregate", 1e-4, None, 30),
     ("aggregate", 1e-3, None, 30),
-    ("dmg", 1e-4, 1e-4, 40),
-    ("dmg", 1e-4, 1e-2, 40),
+    ("dmg", 1e-3, 1e-4, 40),
     ("dmg", 1e-3, 1e-2, 40),
 ]
 
@@ -49,15 +48,20 @@ def main() -> None:
     parser.add_argument("--work", default="scratch/selection", help="run folders (kept: a re-run reuses finished ones)")
     parser.add_argument("--out", default="benchmarks/results/pacs_frozen_cpu/selection.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", action="append", help="repeat; default: the matrix's targets (run several "
+                        "processes with disjoint targets to use more cores, then one with all to summarise)")
+    parser.add_argument("--candidates", type=int, nargs="*", help="indices into CANDIDATES; default all")
     args = parser.parse_args()
     params = load_params(args.params)
     declare(params)
     info = get_dataset(params.dataset)
     rows, curves = [], {}
-    for method, lr, mask_lr, epochs in CANDIDATES:
+    targets = tuple(args.target or params.matrix.targets)
+    chosen = [CANDIDATES[i] for i in args.candidates] if args.candidates is not None else CANDIDATES
+    for method, lr, mask_lr, epochs in chosen:
         name = f"{method}-lr{lr:g}" + (f"-masklr{mask_lr:g}" if mask_lr else "")
         best, peaks, seconds = [], [], 0.0
-        for target in params.matrix.targets:
+        for target in targets:
             folder = Path(args.work) / name / target
             if not (folder / "run.json").exists():
                 start = time.perf_counter()
@@ -78,7 +82,7 @@ def main() -> None:
     lines += [f"| {n} | {e} | {v:.2f} | {', '.join(map(str, p))} | {m} | {s:.0f} |" for n, e, v, p, m, s in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"targets": list(params.matrix.targets),
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"targets": list(targets),
                                                                "seed": args.seed, "curves": curves}, indent=1))
     print("\n".join(lines))
 

@@ -8,6 +8,8 @@ fails at once; this module and dmgcli/params.py import no torch.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,14 +17,29 @@ from typing import Optional
 
 import typer
 
+from . import __version__
 from .datasets import BUILT_IN, declare, get_dataset, resolve_dataset
 from .errors import DmgError
 from .fileio import shorten
+from .help import ParamsHelp, PipelineOrder
 from .params import Params, load_params, override
 
 app = typer.Typer(help="DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None)  # plain click help: no "<bool>" labels, long defaults wrap
+                  rich_markup_mode=None, cls=PipelineOrder)  # plain click help: no "<bool>" labels, long defaults wrap
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dmg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                              help="Print dmg's version and exit.")):
+    """DMG (ECCV 2020) and its baselines: download -> preprocess -> train -> evaluate -> report."""
+
 
 DEFAULTS = "defaults"  # --params defaults: the built-in defaults, no file
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params",
@@ -94,6 +111,17 @@ def load(params_file: Path) -> Params:
 DATASET_NAMES = ", ".join(BUILT_IN)
 
 
+def cpu_threads_for(train_params) -> None:
+    """The digits' convnet and the layers above a frozen trunk compute with one CPU thread
+    (unless OMP_NUM_THREADS says otherwise).
+
+    Their tensors are too small to share out: a second thread only waits, and on a busy
+    machine the threads spin while waiting for each other (measured on 2 shared cores at load
+    3-5: 6 DMG epochs took 26-34 s with 2 threads, 7-8 s with 1). Set before torch loads."""
+    if train_params.backbone == "convnet" or train_params.frozen_trunk:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def params_with_train_flags(params_file: Path, **flags):
     """Load params, apply train-section flags, and resolve the dataset from --dataset/--target."""
     params = load(params_file)
@@ -103,7 +131,7 @@ def params_with_train_flags(params_file: Path, **flags):
     return params, train, info
 
 
-@app.command(short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
+@app.command(cls=ParamsHelp, short_help="Fetch a dataset's raw files into <data_dir>/raw/.")
 @handle_errors
 def download(
     dataset: str = typer.Argument("digits", help=f"Dataset to fetch: {DATASET_NAMES} (VLCS, Office-Home, TerraIncognita from DomainBed's sources), or a folder dataset declared in params.yaml's datasets: section."),
@@ -121,7 +149,7 @@ def download(
     typer.echo(f"{dataset}: raw files in {out}")
 
 
-@app.command(short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
+@app.command(cls=ParamsHelp, short_help='Convert raw files into <data_dir>/prepared/<dataset>.h5.')
 @handle_errors
 def preprocess(
     dataset: str = typer.Argument("digits", help=f"Dataset to convert: {DATASET_NAMES} or a declared folder dataset."),
@@ -139,7 +167,7 @@ def preprocess(
     typer.echo(f"{dataset}: {out}")
 
 
-@app.command(short_help='Train one leave-one-domain-out run.')
+@app.command(cls=ParamsHelp, short_help='Train one leave-one-domain-out run.')
 @handle_errors
 def train(
     target: Optional[str] = typer.Option(None, help="Held-out target domain; all other domains are sources."),
@@ -184,6 +212,7 @@ def train(
         precision=precision, compile=compile, compile_mode=compile_mode, workers=workers, resident=resident,
         image_size=image_size, frozen_trunk=frozen_trunk, trunk_views=trunk_views, trunk_cache=trunk_cache,
         validation_mode=validation_mode, schedule=schedule)
+    cpu_threads_for(train_params)
     from stages.train import train as run  # torch: only after the arguments are known to be good
 
     from .distributed import is_main_process
@@ -192,9 +221,18 @@ def train(
     if is_main_process():
         typer.echo(f"trained {train_params.method} on {info.name} (target {train_params.target}, "
                    f"params {params_file}): {folder}")
+        warn_if_still_learning(folder)
 
 
-@app.command(short_help="Cache a frozen trunk's features: <data_dir>/features/<dataset>/.")
+def warn_if_still_learning(folder: Path) -> None:
+    """One line when the run's best epoch came in the last tenth with validation still rising (run.json)."""
+    run = json.loads((folder / "run.json").read_text())
+    if run["protocol"].get("still_learning"):
+        typer.echo(f"warning: may not have finished learning: best epoch {run['best']['epoch']} of {run['epochs']}, "
+                   f"source validation still rising; train longer (--epochs N --resume continues this run)", err=True)
+
+
+@app.command(cls=ParamsHelp, short_help="Cache a frozen trunk's features: <data_dir>/features/<dataset>/.")
 @handle_errors
 def features(
     dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
@@ -216,7 +254,7 @@ def features(
     typer.echo(f"{info.name}: {index}")
 
 
-@app.command(short_help='Score a run in and out of domain: its metrics files.')
+@app.command(cls=ParamsHelp, short_help='Score a run in and out of domain: its metrics files.')
 @handle_errors
 def evaluate(
     target: Optional[str] = typer.Option(None, help="Target domain of the run to evaluate."),
@@ -242,6 +280,7 @@ def evaluate(
         params_file, dataset=dataset, target=target, sources=tuple(source) if source else None, backbone=backbone,
         method=method, seed=seed)
     eval_params = override(params.evaluate, average_over=average_over, device=device)
+    cpu_threads_for(train_params)
     from stages.evaluate import evaluate as run  # torch: only after the arguments are known to be good
 
     from .distributed import is_main_process
@@ -291,7 +330,7 @@ def bench(
     typer.echo(describe(results))
 
 
-@app.command(short_help="Tables beside the paper's, figures, index.md.")
+@app.command(cls=ParamsHelp, short_help="Tables beside the paper's, figures, index.md.")
 @handle_errors
 def report(
     table: Optional[int] = typer.Option(None, "--table", help="Print the paper's Table 1 (DomainNet, out-of-domain), 2 (PACS, out-of-domain) or 3 (DomainNet, in-domain) with our runs beside it."),
@@ -338,7 +377,7 @@ def report(
         typer.echo(text, nl=False)
 
 
-@app.command(short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
+@app.command(cls=ParamsHelp, short_help='The lambda_O sweep: DMG per lambda_O x target x seed.')
 @handle_errors
 def sweep(
     dataset: Optional[str] = typer.Option(None, help="Dataset; default params.yaml's."),
@@ -361,6 +400,7 @@ def sweep(
                         targets=tuple(targets) if targets else None, seeds=tuple(seeds) if seeds else None,
                         epochs=epochs)
     train_params = override(params.train, device=device)
+    cpu_threads_for(train_params)
     from stages.sweep import sweep as run  # torch: only after the arguments are known to be good
 
     summary = run(info, params.data_dir, train_params, override(params.evaluate, device=device), settings,
@@ -386,7 +426,7 @@ def check(params_file: Path = PARAMS_OPTION):
 LAUNCHERS = ("local", "slurm")
 
 
-@app.command(short_help="Train and evaluate the whole matrix, several runs at once (here or on SLURM).")
+@app.command(cls=ParamsHelp, short_help="Train and evaluate the whole matrix, several runs at once (here or on SLURM).")
 @handle_errors
 def study(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once; how many pay on one GPU: benchmarks/RESULTS.md (dmg bench --concurrent)."),

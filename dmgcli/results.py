@@ -12,6 +12,7 @@ Metrics files written before the split hold everything in seed<N>.json; they are
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import DmgError
-from .params import PreprocessParams, TrainParams
+from .params import DEFAULT_SCHEDULES, PreprocessParams, TrainParams
+
+CROP = 224  # dmgcli/augment.py's training crop (imported from there it would load torch)
 
 # ----------------------------------------------------------------------------- file names
 
@@ -67,28 +70,51 @@ def paper_data() -> dict:
 
 
 def reference_protocol(dataset: str, method: str) -> tuple[str, dict]:
-    """(what it is, the protocol) a run of `method` on `dataset` is compared with: the paper's
-    for PACS and DomainNet; for digits, which the paper does not have, this project's defaults."""
+    """(what it is, the protocol) a run of `method` on `dataset` is compared with.
+
+    PACS and DomainNet: the paper's. Every other dataset: its own definition (for a folder
+    dataset, its declaration in params.yaml: a declared image_size or augmentation is no
+    deviation). The schedule (epochs, learning rates) is the built-in one the dataset names, so
+    a schedule changed in params.yaml is marked; a schedule only a declaration defines (not
+    built in) is the run's own. The start (pretrained or not) is compared only for the paper's
+    datasets and digits: for the others it is the user's choice, so its value is None."""
+    from .datasets import get_dataset  # the declared folder datasets, registered by the CLI
+
+    info = get_dataset(dataset)
+    schedule = DEFAULT_SCHEDULES.get(info.schedule_key)
+    timing = {"lr": None, "mask_lr": None, "epochs": None} if schedule is None else {
+        "lr": schedule.lr, "mask_lr": schedule.mask_lr,
+        "epochs": schedule.epochs if method == "dmg" else schedule.baseline_epochs}
     paper = paper_data()["protocols"]
     if dataset in paper:
         ref = paper[dataset]
-        return "the paper's protocol", {**ref, "epochs": ref["epochs"][method]}
+        return "the paper's protocol", {**ref, **timing, "epochs": ref["epochs"][method]}
     train, prep = TrainParams(), PreprocessParams()
-    return "the defaults", {"pretrained": train.pretrained, "epochs": None, "batch_size": train.batch_size,
-                            "image_size": prep.digits_size, "crop": None, "overlap_lambda": train.overlap_lambda}
+    declared = getattr(info, "spec", None)  # a folder dataset's declaration
+    if dataset == "digits":
+        image_size, pretrained = prep.digits_size, False
+    else:
+        image_size = declared.image_size if declared and declared.image_size else prep.image_size
+        pretrained = None
+    return (f"{dataset}'s declaration" if declared else "the defaults"), {
+        **timing, "pretrained": pretrained, "batch_size": train.batch_size, "image_size": image_size,
+        "crop": None if info.augmentation == "none" else CROP, "overlap_lambda": train.overlap_lambda}
 
 
 def protocol_differences(protocol: dict, reference: dict, method: str) -> list[str]:
     """How a run's protocol differs from the reference, in words ("from scratch; 30 of 150 epochs").
 
-    reference["epochs"] None: compare with the dataset schedule's epochs the run recorded.
-    """
+    A reference value None is not compared (epochs: the run's own schedule is the reference)."""
     parts = []
-    if protocol["pretrained"] != reference["pretrained"]:
+    if reference["pretrained"] is not None and protocol["pretrained"] != reference["pretrained"]:
         parts.append("from scratch" if not protocol["pretrained"] else "ImageNet-pretrained")
     epochs = reference["epochs"] if reference["epochs"] is not None else protocol["schedule_epochs"]
     if protocol["epochs"] != epochs:
         parts.append(f"{protocol['epochs']} of {epochs} epochs")
+    if reference["lr"] is not None and protocol["lr"] != reference["lr"]:
+        parts.append(f"lr {protocol['lr']:g} (not {reference['lr']:g})")
+    if method == "dmg" and reference["mask_lr"] is not None and protocol["mask_lr"] != reference["mask_lr"]:
+        parts.append(f"mask lr {protocol['mask_lr']:g} (not {reference['mask_lr']:g})")
     if protocol["batch_size"] != reference["batch_size"]:
         parts.append(f"batch {protocol['batch_size']} (not {reference['batch_size']})")
     if protocol["image_size"] != reference["image_size"]:
@@ -100,6 +126,31 @@ def protocol_differences(protocol: dict, reference: dict, method: str) -> list[s
     if method == "dmg" and protocol["overlap_lambda"] != reference["overlap_lambda"]:
         parts.append(f"lambda_O {protocol['overlap_lambda']:g} (not {reference['overlap_lambda']:g})")
     return parts
+
+
+def still_learning(val_accuracy: list[float], epochs: int) -> bool:
+    """Whether a run may not have finished learning: its best source-validation epoch lies in the
+    last tenth of the schedule and validation was still rising there (the last tenth's mean above
+    the tenth's before; a single epoch cannot show that). val_accuracy: one value per epoch."""
+    tenth = math.ceil(epochs / 10)
+    if not val_accuracy or len(val_accuracy) < epochs:
+        return False
+    best = max(range(epochs), key=lambda e: (val_accuracy[e], -e)) + 1  # the first best, as training selects it
+    last, before = val_accuracy[epochs - tenth:epochs], val_accuracy[max(0, epochs - 2 * tenth):epochs - tenth]
+    return best > epochs - tenth and bool(before) and statistics.fmean(last) > statistics.fmean(before)
+
+
+STILL_LEARNING = "may not have finished learning"
+
+
+def learning_note(records: dict[int, "Record"]) -> str | None:
+    """"may not have finished learning (seed 0: best epoch 95 of 96)" for the seeds whose run said so."""
+    seeds = [(s, r.data) for s, r in sorted(records.items()) if (r.data.get("protocol") or {}).get("still_learning")]
+    if not seeds:
+        return None
+    return f"{STILL_LEARNING} (" + ", ".join(
+        f"seed {s}: best epoch {d['selection']['best_epoch']} of {d['protocol']['epochs']}" for s, d in seeds) + \
+        ", source validation still rising)"
 
 
 def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[str, ...]:
@@ -118,6 +169,9 @@ def run_marks(records: dict[int, "Record"], dataset: str, method: str) -> tuple[
         differences = protocol_differences(known[0], reference, method)
         if differences:
             marks.append("; ".join(differences) + f" (vs {what})")
+    note = learning_note(records)
+    if note:
+        marks.append(note)
     return tuple(marks)
 
 

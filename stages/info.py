@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from dmgcli.datasets import SPLITS
@@ -19,6 +20,9 @@ def describe(path: str | Path, verify: bool = False) -> str:
     verify: also read every image and check it against its stored crc32 (and decode it, checking
     its size against the file's); any mismatch is an error naming the images.
     """
+    if Path(path).is_file() and Path(path).suffix != ".h5" and not h5py.is_hdf5(path):  # e.g. <dataset>.report.json
+        raise DmgError(f"{path} is not an HDF5 file: dmg info reads data/prepared/<dataset>.h5; the "
+                       f"<dataset>.report.json beside it (images left out or duplicated) is plain JSON: read it as text")
     info = read_info(path)
     size = Path(path).stat().st_size
     lines = [f"{path}: dataset {info.dataset}, {len(info.classes)} classes, {len(info.domains)} domains, "

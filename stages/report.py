@@ -27,7 +27,8 @@ from dmgcli.datasets import get_dataset
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_text
 from dmgcli.params import MatrixParams
-from dmgcli.results import Record, Runs, Stat, load_runs, metric, paper_data, run_marks, stat  # noqa: F401 - re-exported
+from dmgcli.results import (STILL_LEARNING, Record, Runs, Stat, load_runs, metric, paper_data,  # noqa: F401 - re-exported
+                            run_marks, stat)
 from stages.report_formats import (EXTENSIONS, FORMATS, Notes, footnotes, render, to_csv, to_json,  # noqa: F401
                                    to_latex, to_markdown, to_text)
 
@@ -162,6 +163,16 @@ def overall(columns: list[dict[int, float]]) -> Stat | None:
     return stat({s: statistics.fmean(c[s] for c in columns) for s in common})
 
 
+def overall_marks(column_marks: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Every mark of the columns an Overall averages; the still-learning notes, which name each
+    run's best epoch, as one count (listing them all again would repeat the columns' notes)."""
+    learning = sum(any(m.startswith(STILL_LEARNING) for m in ms) for ms in column_marks)
+    marks = dict.fromkeys(m for ms in column_marks for m in ms if not m.startswith(STILL_LEARNING))
+    if learning:
+        marks[f"{STILL_LEARNING} ({learning} of {len(column_marks)} targets)"] = None
+    return tuple(marks)
+
+
 def run_command(dataset: str, backbone: str, method: str, target: str, seeds: tuple[int, ...], pretrained: bool) -> str:
     """The train + evaluate commands that produce one cell, for every seed."""
     seeds = seeds or (0,)
@@ -193,9 +204,7 @@ def fill(spec: TableSpec, runs: Runs, seeds: tuple[int, ...]) -> FilledTable:
             command = None if ours or not row.method else run_command(
                 spec.dataset, row.backbone, row.method, target, seeds, spec.pretrained)
             cells.append(Cell(paper_value, ours, command, marks))
-        # Overall: every mark of the columns it averages
-        marks = tuple(dict.fromkeys(m for ms in column_marks for m in ms))
-        cells.append(Cell(paper[-1], overall(columns) if row.method else None, marks=marks))
+        cells.append(Cell(paper[-1], overall(columns) if row.method else None, marks=overall_marks(column_marks)))
         rows.append(FilledRow(row, tuple(cells)))
     return FilledTable(spec, tuple(rows))
 

@@ -3,7 +3,7 @@
 The paper's footnote claims in- and out-of-domain accuracy are robust to lambda_O (minor
 in-domain drops at extreme values) and that the mean pairwise IoU of the source-domain masks
 falls as lambda_O grows. This stage measures those three numbers for each lambda_O in
-params.yaml `report.sweep` (default 0, 0.01, 0.1, 0.5, 1.0). Everything else comes from the
+params.yaml `report.sweep` (default 0, 0.1, 1.0). Everything else comes from the
 `train` section. Each point is trained from scratch (a rerun replaces the folder's runs:
 they are the sweep's own, not the pipeline's train outputs).
 

@@ -40,6 +40,7 @@ from dmgcli.h5data import SplitReader, read_info
 from dmgcli import features
 from dmgcli.methods import Method, MethodConfig, build_method, reference_head_init
 from dmgcli.params import TrainParams
+from dmgcli.results import still_learning
 from dmgcli.runfolder import check_run_folder, recover, replacing
 
 
@@ -352,5 +353,6 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
                                       "schedule": dataclasses.asdict(schedule), "device": str(device),
                                       "processes": proc.world, "batch_size": params.batch_size,
                                       "precision": precision, "torch": torch.__version__,
-                                      "protocol": {**protocol, "epochs_run": len(rows)}, "data": recorded(data)})
+                                      "protocol": {**protocol, "epochs_run": len(rows), "still_learning": still_learning(
+                                          [r["val_accuracy"] for r in rows], epochs)}, "data": recorded(data)})
     return out

@@ -1,5 +1,6 @@
 """The CLI on temporary folders: the digits pipeline, repeatability, resume, and bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,45 @@ def test_help_lists_every_stage():
     out = dmg("--help").output
     for stage in ("download", "preprocess", "train", "evaluate", "report", "info"):
         assert stage in out
+    listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed[:7] == ["check", "download", "preprocess", "train", "evaluate", "sweep", "report"]  # dvc.yaml's order
+
+
+def test_version():
+    from dmgcli import __version__
+
+    assert dmg("--version").output == f"dmg {__version__}\n"
+
+
+def test_help_shows_the_defaults_params_yaml_gives(workdir):
+    write_params(workdir, train={"target": "rot30", "method": "aggregate"}, report={"format": "markdown"})
+    text = " ".join(dmg("train", "--help").output.split())  # help text wraps
+    assert "--target <str> Held-out target domain; all other domains are sources. [default: (rot30 from params.yaml)]" \
+        in text
+    assert "[default: (aggregate from params.yaml)]" in text and "[default: (convnet from params.yaml)]" in text
+    assert "[default: (digits from params.yaml)]" in text  # --dataset
+    assert "[default: (markdown from params.yaml)]" in " ".join(dmg("report", "--help").output.split())
+    (workdir / "params.yaml").unlink()  # outside a project: nothing to show, and help still works
+    assert "from params.yaml" not in dmg("train", "--help").output
+
+
+def test_unknown_target_lists_the_datasets_domains_and_the_closest_name(workdir):
+    one_line_error(dmg("train", "--target", "rot31", ok=False), "unknown domain 'rot31' for dataset digits "
+                   "(did you mean 'rot30'?); valid: rot0, rot15, rot30, rot45, rot60, rot75")
+    result = dmg("evaluate", "--target", "quickdrw", ok=False)
+    one_line_error(result, "unknown domain 'quickdrw' for dataset digits (did you mean 'quickdraw' of --dataset "
+                           "domainnet?); valid: rot0, rot15")
+    assert "art_painting" not in result.stderr  # not the domains of every dataset
+    one_line_error(dmg("train", "--target", "zzz", ok=False),
+                   "unknown domain 'zzz' for dataset digits; valid: rot0, rot15, rot30, rot45, rot60, rot75")
+
+
+def test_info_on_the_preprocess_report_says_what_it_is(digits_dir):
+    report = digits_dir / "data" / "prepared" / "digits.report.json"
+    assert report.exists()
+    result = dmg("info", report, ok=False)
+    one_line_error(result, f"{report} is not an HDF5 file: dmg info reads data/prepared/<dataset>.h5")
+    assert "dmg preprocess" not in result.stderr  # the file is fine: nothing to delete or re-run
 
 
 def test_train_evaluate_report_and_same_seed_same_metrics(workdir):
@@ -205,6 +245,20 @@ def test_metrics_headline_is_small_and_the_protocol_is_recorded(workdir):
     assert "[a] 2 of 96 epochs; batch 32 (not 64) (vs the defaults)" in text
 
 
+def test_a_run_still_learning_at_its_end_is_warned_about_and_marked(workdir):
+    """Aggregate from scratch climbs fast in its first epochs (seed 0: about 30, 57, 71 %): after 3
+    epochs the best is the last and validation still rises, so train warns and the report marks it."""
+    trained = dmg("train", "--target", "rot0", "--method", "aggregate", "--epochs", "3")
+    assert [line for line in trained.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: may not have finished learning: best epoch 3 of 3, source validation still rising; train longer "
+        "(--epochs N --resume continues this run)"]
+    run = json.loads((workdir / "data/runs/digits/convnet/aggregate/rot0/seed0/run.json").read_text())
+    assert run["protocol"]["still_learning"] is True
+    dmg("evaluate", "--target", "rot0", "--method", "aggregate")
+    text = dmg("report", "--no-figures").output
+    assert "may not have finished learning (seed 0: best epoch 3 of 3, source validation still rising)" in text
+
+
 def test_check_names_the_bad_matrix_entry(workdir):
     write_params(workdir, matrix={"targets": ["rot0", "rot31"]})
     one_line_error(dmg("check", ok=False), "params: matrix.targets: unknown domain 'rot31' for dataset digits")
@@ -222,6 +276,7 @@ def test_bad_flags_and_the_report_need_no_torch(workdir):
     code = ("import sys; from typer.testing import CliRunner; from dmgcli.cli import app; "
             "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
     for args, expected in ((["train", "--batch-size", "-3"], "1 False"), (["report", "--no-figures"], "1 False"),
+                           (["train", "--help"], "0 False"),
                            (["report", "--table", "2"], "0 False")):
         result = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
                                 env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120)
@@ -245,3 +300,21 @@ def test_params_yaml_in_repo_loads_and_matches_defaults():
     loaded = load_params(REPO / "params.yaml")
     assert loaded == Params()
     assert yaml.safe_load((REPO / "params.yaml").read_text())["train"]["overlap_lambda"] == 0.1
+
+
+def test_the_digits_convnet_trains_on_one_cpu_thread_unless_told(monkeypatch):
+    """Two threads on a 16 px network only wait for each other (4x slower on a busy machine)."""
+    from dmgcli.cli import cpu_threads_for
+    from dmgcli.params import TrainParams
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu_threads_for(TrainParams(backbone="resnet18"))
+    assert "OMP_NUM_THREADS" not in os.environ
+    cpu_threads_for(TrainParams(backbone="convnet"))
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpu_threads_for(TrainParams(backbone="efficientnet_lite0_mlp", pretrained=True, frozen_trunk=True))
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # the layers above a frozen trunk are as small
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    cpu_threads_for(TrainParams(backbone="convnet"))
+    assert os.environ["OMP_NUM_THREADS"] == "4"

@@ -26,8 +26,8 @@ def run(cmd: str, cwd: Path, ok: bool = True) -> str:
 
 def copy_project(root: Path, **matrix) -> None:
     """dvc.yaml, params.yaml (two epochs, `matrix` merged in) and the package sources, in a fresh git + DVC repo."""
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["matrix"].update(matrix)
     params["train"]["epochs"] = 2
@@ -75,6 +75,16 @@ def test_readme_examples_leave_the_pipeline_untouched(project):
     assert "up to date" in run("dvc status", project)
     untracked = run("git status --porcelain", project).split()
     assert untracked in ([], ["??", "dvc.lock"])  # scratch/ and dvc_plots/ are git-ignored
+
+
+def test_bytecode_in_the_package_leaves_dvc_status_clean(project):
+    """pytest and every dmg command import dmgcli, writing __pycache__ into dmgcli/datasets/, a
+    folder the check, download and preprocess stages depend on: .dvcignore keeps it out of their hash."""
+    run("dvc repro", project)
+    env = "env -u PYTHONDONTWRITEBYTECODE"  # the machine may forbid bytecode; this test needs it written
+    run(f"{env} python -c 'import dmgcli.datasets.folder, stages.check'", project)  # cwd first on sys.path: the copy
+    assert list((project / "dmgcli" / "datasets" / "__pycache__").glob("*.pyc"))
+    assert "up to date" in run("dvc status", project)
 
 
 def test_a_bad_matrix_fails_before_anything_trains(tmp_path):

@@ -94,13 +94,8 @@ def resolve_dataset(target: str, explicit: str | None, configured: str) -> Datas
         info = get_dataset(explicit)
     else:
         owners = [d for d in DATASETS.values() if target in d.domains]
-        if len(owners) == 1:
-            info = owners[0]
-        elif not owners:
-            all_domains = sorted({dom for d in DATASETS.values() for dom in d.domains})
-            raise DmgError(f"unknown domain {target!r}; valid: {', '.join(all_domains)}")
-        else:
-            info = get_dataset(configured)
+        # one owner: that dataset; none (a typo) or several: params.yaml's, whose domains the error lists
+        info = owners[0] if len(owners) == 1 else get_dataset(configured)
     check_domain(info, target)
     return info
 
@@ -109,7 +104,21 @@ def check_domain(info: DatasetInfo, domain: str) -> None:
     if not info.domains:
         raise DmgError(f"{info.name} has no domains yet: run `{info.prepare_hint()}` first")
     if domain not in info.domains:
-        raise DmgError(f"unknown domain {domain!r} for dataset {info.name}; valid: {', '.join(info.domains)}")
+        raise DmgError(f"unknown domain {domain!r} for dataset {info.name}{did_you_mean(domain, info)}; "
+                       f"valid: {', '.join(info.domains)}")
+
+
+def did_you_mean(domain: str, info: DatasetInfo) -> str:
+    """" (did you mean 'rot30'?)": the closest domain name of `info`, else of another dataset (named)."""
+    import difflib
+
+    others = [d for other in DATASETS.values() if other is not info for d in other.domains]
+    for candidates in (info.domains, others):
+        close = difflib.get_close_matches(domain, candidates, n=1, cutoff=0.6)
+        if close:
+            owners = ", ".join(d.name for d in DATASETS.values() if close[0] in d.domains)
+            return f" (did you mean {close[0]!r}{'' if candidates is info.domains else f' of --dataset {owners}'}?)"
+    return ""
 
 
 def require_h5(data_dir: str | Path, dataset: str) -> Path:
