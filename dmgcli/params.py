@@ -181,9 +181,10 @@ DEFAULT_SCHEDULES = {
     # (a network that starts from random weights needs more than the fine-tuning lr of 1e-4).
     "scratch": Schedule(epochs=60, baseline_epochs=30, lr=1e-3, mask_lr=1e-2, weight_decay=1e-5,
                         lr_schedule="exponential", gamma=0.99),
-    # PACS with a frozen ImageNet trunk (train.frozen_trunk; studies/pacs_frozen_cpu.yaml): only the
-    # classifier learns, from cached features; chosen on source validation (benchmarks/FIDELITY.md).
-    "pacs_frozen_trunk": Schedule(epochs=30, baseline_epochs=20, lr=1e-4, mask_lr=1e-2, weight_decay=1e-5,
+    # Above a frozen ImageNet trunk (train.frozen_trunk; studies/pacs_frozen_cpu.yaml), also for datasets
+    # on `default`: only the classifier learns, from cached features; chosen on PACS source validation
+    # (benchmarks/FIDELITY.md).
+    "frozen_trunk": Schedule(epochs=30, baseline_epochs=20, lr=1e-4, mask_lr=1e-2, weight_decay=1e-5,
                                   lr_schedule="exponential", gamma=0.99),
 }
 
@@ -245,12 +246,13 @@ class TrainParams:
 
     def schedule_for(self, dataset_key: str) -> Schedule:
         """The schedule a run trains with: `schedule` if set, else the dataset's entry (its schedule
-        key). `default` is a fine-tuning recipe (lr 1e-4): a run from scratch of a dataset on
-        `default` takes `scratch` instead, which is made for that. The one lookup train, check and
-        sweep share."""
+        key). `default` is a recipe for fine-tuning a whole pretrained network (lr 1e-4): on a
+        dataset that uses it, a run from scratch takes `scratch` and a run above a frozen trunk
+        takes `frozen_trunk` instead, each made for that. The one lookup train, check and sweep share."""
         key = self.schedule or dataset_key
-        if key == "default" and not self.pretrained and self.schedule is None and "scratch" in self.schedules:
-            key = "scratch"
+        if key == "default" and self.schedule is None:
+            special = "scratch" if not self.pretrained else "frozen_trunk" if self.frozen_trunk else None
+            key = special if special in self.schedules else key
         if key not in self.schedules:
             raise DmgError(f"params: train.schedules has no entry {key!r} (the schedule of {dataset_key}); "
                            f"valid: {', '.join(self.schedules)}")

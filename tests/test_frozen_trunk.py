@@ -193,3 +193,18 @@ def test_frozen_runs_evaluate_from_the_cache_and_cli_features(project, tmp_path,
     assert index["frozen_trunk"] and index["caches"][BACKBONE]["key"]["views"] == 2, result.output
     one_line_error(dmg("train", "--params", folder / "params.yaml", "--scratch", ok=False),
                    "frozen_trunk needs train.pretrained: true")
+
+
+def test_the_schedule_follows_the_regime_on_datasets_using_default():
+    """`default` fine-tunes a whole pretrained network; from scratch and above a frozen trunk
+    other step sizes apply; an explicit train.schedule always wins; PACS keeps the reference's."""
+    from dmgcli.params import TrainParams
+
+    schedules = TrainParams().schedules
+    assert TrainParams(pretrained=True).schedule_for("default") == schedules["default"]
+    assert TrainParams(pretrained=False).schedule_for("default") == schedules["scratch"]
+    assert TrainParams(pretrained=True, frozen_trunk=True).schedule_for("default") == schedules["frozen_trunk"]
+    assert TrainParams(pretrained=False).schedule_for("pacs") == schedules["pacs"]
+    assert TrainParams(pretrained=False, schedule="default").schedule_for("default") == schedules["default"]
+    with pytest.raises(DmgError, match="train.schedules has no entry 'nope'"):
+        TrainParams().schedule_for("nope")
