@@ -184,8 +184,8 @@ DEFAULT_SCHEDULES = {
     # Above a frozen ImageNet trunk (train.frozen_trunk; studies/pacs_frozen_cpu.yaml), also for datasets
     # on `default`: only the classifier learns, from cached features; chosen on PACS source validation
     # (benchmarks/FIDELITY.md).
-    "frozen_trunk": Schedule(epochs=30, baseline_epochs=20, lr=1e-4, mask_lr=1e-2, weight_decay=1e-5,
-                                  lr_schedule="exponential", gamma=0.99),
+    "frozen_trunk": Schedule(epochs=40, baseline_epochs=30, lr=1e-3, mask_lr=1e-4, weight_decay=1e-5,
+                             lr_schedule="exponential", gamma=0.99),
 }
 
 
