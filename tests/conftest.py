@@ -1,5 +1,9 @@
-"""Shared fixtures: a prepared copy of the embedded digits dataset in a temporary folder."""
+"""Shared fixtures: a prepared copy of the embedded digits dataset in a temporary folder, and a
+local HTTP server."""
+import contextlib
+import http.server
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,3 +49,21 @@ def workdir(digits_dir, tmp_path, monkeypatch):
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def http_server(handler, **state):
+    """A threaded HTTP server on 127.0.0.1 with `handler`; `state` becomes attributes the handler
+    reads (files, requests, ...); .url is its address."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    for name, value in state.items():
+        setattr(httpd, name, value)
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -7,12 +7,13 @@ import http.server
 import io
 import json
 import os
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from conftest import http_server
 
 from dmgcli import transfer
 from dmgcli.cli import app
@@ -56,14 +57,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.files, httpd.requests, httpd.cut, httpd.ranges = {}, [], {}, True
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(RangeHandler, files={}, requests=[], cut={}, ranges=True) as httpd:
+        yield httpd
 
 
 def resumed_at(range_header: str) -> int:

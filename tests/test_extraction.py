@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tarfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_params
+from conftest import http_server, write_params
 from dmgcli import archives, transfer
 from dmgcli.archives import safe_extract, safe_extract_tar
 from dmgcli.cli import app
@@ -91,15 +90,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.files, httpd.requests = {}, []
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(Handler, files={}, requests=[]) as httpd:
+        yield httpd
 
 
 def trickle(handler):
