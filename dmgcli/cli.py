@@ -120,6 +120,8 @@ def cpu_threads_for(train_params) -> None:
     3-5: 6 DMG epochs took 26-34 s with 2 threads, 7-8 s with 1). Set before torch loads."""
     if train_params.backbone == "convnet" or train_params.frozen_trunk:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"] == "1":
+            sys.modules["torch"].set_num_threads(1)  # loaded already (dmg called in-process): same arithmetic
 
 
 def params_with_train_flags(params_file: Path, **flags):

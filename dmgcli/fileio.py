@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from . import errors
 from .errors import DmgError
 
 MARKER = "~dmg"
@@ -134,12 +135,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in FULL:
+        if errors.disk_full(exc):
             raise disk_full(path, exc.strerror) from None
         raise
-
-
-FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, quota exceeded
 
 
 def disk_full(path: str | Path, reason: str | None = None) -> DmgError:
