@@ -29,7 +29,9 @@ from dmgcli.params import MatrixParams, StudyParams
 from stages import study_slurm
 from stages.study import die_with_this_process
 
-EPOCHS = 3
+# Long enough that a run is still training while the test freezes the other one (a digits epoch on
+# one thread takes a fraction of a second): the scenario stops both runs mid-run.
+EPOCHS = 20
 TARGETS = ("rot0", "rot15")
 MATRIX = MatrixParams(targets=TARGETS, methods=("aggregate",), backbones=("convnet",), seeds=(0,))
 MATRIX_FLAGS = ["--target", "rot0", "--target", "rot15", "--method", "aggregate", "--epochs", str(EPOCHS),
