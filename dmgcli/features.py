@@ -36,7 +36,7 @@ from .backbones import build_backbone, frozen_depth, imagenet_weights_file, spli
 from .data import DomainImages, epoch_permutation
 from .efficientnet import file_digest
 from .errors import DmgError
-from .fileio import atomic_path, run_lock, shorten
+from .fileio import atomic_path, run_lock
 from .fingerprint import data_record
 from .h5data import SplitReader, has_split, open_file, read_info
 
@@ -153,8 +153,7 @@ def cached_lookup(features: torch.Tensor) -> Callable[[torch.Tensor, torch.Tenso
     return lambda indices, views: features[views, indices]
 
 
-def read_cache(path: Path, key: TrunkKey, domains: tuple[str, ...], split: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        torch.Tensor]:
+def read_cache(path: Path, domains: tuple[str, ...], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cached features [V, N, ...], labels [N] and domain indices [N] of `split` of `domains`
     (indices 0..len(domains)-1, in order)."""
     feats, labels, ids = [], [], []
@@ -243,7 +242,7 @@ def feature_streams(key: TrunkKey, path: Path | None, h5: Path, method, sources:
     for split, batch_size in zip(splits, batch_sizes):
         views = key.views if split == "train" else 1
         if path is not None:
-            feats, labels, ids = read_cache(path, key, sources, split)
+            feats, labels, ids = read_cache(path, sources, split)
             lookup = cached_lookup(feats.to(device))
         else:
             images = DomainImages([SplitReader(h5, d, split) for d in sources], list(range(len(sources))))
@@ -255,7 +254,3 @@ def feature_streams(key: TrunkKey, path: Path | None, h5: Path, method, sources:
             labels, ids = images.labels, images.domains
         streams.append(FeatureStream(lookup, labels, ids, views, batch_size, device))
     return streams
-
-
-def describe(key: TrunkKey) -> str:
-    return shorten(f"{key.backbone} below {key.cut}, {key.image_size or 224} px, {key.views} views", 120)
