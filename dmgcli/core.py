@@ -3,14 +3,18 @@
 Chattopadhyay, Balaji, Hoffman, "Learning to Balance Specificity and Invariance for In and
 Out of Domain Generalization", ECCV 2020 (section 2, equation (1)).
 
-Everything here is a pure function of tensors except `DomainMasks`, the one module that
-owns the mask logits. Shapes: D = number of source domains, U = units (channels or
+Everything here is a pure function (of tensors; `mean_pairwise_iou` of stored IoU matrices)
+except `DomainMasks`, the one module that owns the mask logits. Shapes: D = number of source domains, U = units (channels or
 features) at one masked point l, N = sum of U_l over the L masked points (every point's
 units side by side), B = batch size, P = D(D-1)/2 pairs of domains.
 
-Each operation is written once, in the batched form training runs (all masked points in
-one tensor); tests/test_core.py holds the readable per-pair, per-point versions as the
-oracle that checks it.
+The training step's mask operations are written once, in the batched form training runs
+(all masked points in one tensor); tests/test_core.py holds the readable per-pair,
+per-point versions as the oracle that checks them. Why batched: one Bernoulli draw for all
+points fixes the order in which training consumes the random generator, and summing per
+point with one index_add fixes the arithmetic, so trained numbers stay what they were; on
+the CPU the two forms cost about the same (well under 5% of a convnet step, under 1% of
+an AlexNet step).
 """
 from __future__ import annotations
 
