@@ -80,9 +80,11 @@ HEAD_INITS = ("default", "normal")
 
 def new_head(in_features: int, num_classes: int, head_init: str = "default") -> nn.Linear:
     """A classifier head for `num_classes`: "default" keeps PyTorch's initialisation, "normal"
-    starts it N(0, 0.001) with bias 0. The reference used "normal" for DomainNet and for PACS
-    Multi-Headed, and PyTorch's default for PACS Aggregate and DMG (`configs/PACS/*.yml`,
-    `PARAM_INIT: standard`): `dmgcli.methods.reference_head_init` picks it per run."""
+    starts it N(0, 0.001) with bias 0. The reference used "normal" for a head that replaces an
+    ImageNet one on DomainNet and on PACS Multi-Headed, and PyTorch's default for PACS Aggregate
+    and DMG (`configs/PACS/{aggregate,supermask}_training.yml`: `PARAM_INIT: standard`); from
+    scratch every layer keeps PyTorch's default. `dmgcli.methods.reference_head_init` picks it
+    per run; this function only applies it."""
     head = nn.Linear(in_features, num_classes)
     if head_init == "normal":
         nn.init.normal_(head.weight, 0.0, HEAD_INIT_STD)

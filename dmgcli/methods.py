@@ -7,7 +7,9 @@ Each is a small `nn.Module` with the same interface (after DomainBed's algorithm
 x: float images [B, C, H, W] in [0, 1]; y: labels [B]; d: source-domain index [B] (0..D-1).
 Prediction modes: "average" (the default test-time prediction), "known_domain" (use the
 sample's own domain: DMG-KnownDomain of Table 3, or the own head), "hard" (DMG's thresholded
-own-domain mask, used for source validation as in the reference code).
+own-domain mask, used for source validation as in the reference code). Without masks there
+is nothing to threshold: Multi-Headed's "hard" is its "known_domain" (the own head), and
+Aggregate's one network gives the same scores in every mode.
 """
 from __future__ import annotations
 
@@ -61,20 +63,21 @@ class Method(nn.Module):
 
     validation_mode = "average"
 
-    def __init__(self, config: MethodConfig, load_weights: bool = True):
+    def __init__(self, config: MethodConfig):
         super().__init__()
         self.config = config
-        self.load_weights = load_weights  # False: a checkpoint will supply every weight (evaluation)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.frozen = nn.Sequential()  # the frozen trunk (config.frozen_trunk); empty: x passes unchanged
 
-    def build_network(self) -> Backbone:
-        """The backbone to train. With config.frozen_trunk the layers below the first mask point
-        move into self.frozen (no gradients, always in eval mode) and the backbone keeps the rest."""
+    def build_network(self, load_weights: bool) -> Backbone:
+        """The backbone to train. load_weights=False: without reading the pretrained weights, for
+        a checkpoint that will supply every weight (evaluation). With config.frozen_trunk the layers
+        below the first mask point move into self.frozen (no gradients, always in eval mode) and
+        the backbone keeps the rest."""
         config = self.config
         backbone = build_backbone(config.backbone, config.num_classes, config.pretrained, config.pretrained_path,
-                                  load_weights=self.load_weights, head_init=config.head_init)
+                                  load_weights=load_weights, head_init=config.head_init)
         if config.frozen_trunk:
             self.frozen = split_frozen(backbone, config.mask_points or backbone.default_mask_points)
         return backbone
@@ -155,13 +158,14 @@ class Aggregate(Method):
     """One network trained on the shuffled union of all source domains."""
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
-        super().__init__(config, load_weights)
-        self.net = nn.Sequential(*[m for _, m in self.build_network().layers])
+        super().__init__(config)
+        self.net = nn.Sequential(*[m for _, m in self.build_network(load_weights).layers])
 
     def objective(self, x, y, d):
         return F.cross_entropy(self.net(x), y), {}
 
     def predict(self, x, mode="average", domains=None):
+        """One network for every domain: every mode gives the same scores (domains are not used)."""
         _check_mode(mode, domains)
         return self.net(x)
 
@@ -178,8 +182,8 @@ class MultiHead(Method):
     validation_mode = "known_domain"
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
-        super().__init__(config, load_weights)
-        *body, (_, classifier) = self.build_network().layers
+        super().__init__(config)
+        *body, (_, classifier) = self.build_network(load_weights).layers
         self.trunk = nn.Sequential(*[m for _, m in body])
         self.heads = nn.ModuleList(new_head(classifier.in_features, config.num_classes, config.head_init)
                                    for _ in range(config.num_domains))
@@ -199,6 +203,9 @@ class MultiHead(Method):
         return F.cross_entropy(self.own_head(self.trunk(x), d), y), {}
 
     def predict(self, x, mode="average", domains=None):
+        """average: the heads' outputs combined (Method.combine); known_domain: each sample
+        through its own domain's head. hard: there is no mask to threshold, so the own head as
+        for known_domain (what `train.validation_mode: hard` selects a Multi-Headed run by)."""
         _check_mode(mode, domains)
         features = self.trunk(x)
         if mode == "average":
@@ -214,8 +221,8 @@ class DMG(Method):
     validation_mode = "hard"
 
     def __init__(self, config: MethodConfig, load_weights: bool = True):
-        super().__init__(config, load_weights)
-        backbone = self.build_network()
+        super().__init__(config)
+        backbone = self.build_network(load_weights)
         disable_dropout(backbone)
         self.mask_points = config.mask_points or backbone.default_mask_points
         self.trunk, segments, units = split_at(backbone, self.mask_points)

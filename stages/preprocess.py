@@ -1,13 +1,14 @@
-"""Stage 2, preprocess: raw files -> one HDF5 file per dataset (layout in dmgcli.h5data).
+"""Stage 2, preprocess: raw files -> one HDF5 file per dataset (layout in dmgcli.h5layout).
 
 The dataset's adapter (dmgcli/datasets/) lists the images: (path, label) per domain and
 split. Everything here is the same for every dataset: each image is decoded, turned RGB
 (transparent pixels over white; 16-bit images scaled to 8 bits), made a square of
 `image_size` as the adapter says (`center_crop`: shorter side resized, central square kept;
 `squash`: the whole image resized, aspect not kept), then stored as JPEG bytes or raw
-pixels. The work runs in a process pool over all cores; results come back in list order
-with a bounded number of batches in flight and are appended to the file as they arrive,
-so memory does not grow with the number of images. An image listed twice in one domain
+pixels (dmgcli/image_encoding.py). The work runs in a process pool over all cores
+(dmgcli/parallel.py); results come back in list order with a bounded number of batches in
+flight and are appended to the file as they arrive, so memory does not grow with the
+number of images. An image listed twice in one domain
 (PACS: every test image is also a train or val image) is decoded once and copied.
 
 A dataset with an empty split (none listed, or none readable) is refused: training or testing
@@ -21,20 +22,11 @@ and of the parameters; a re-run with the same fingerprint does nothing.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
-import io
 import json
-import multiprocessing
-import os
-import re
-import sys
-import warnings
-from collections import deque
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -45,88 +37,11 @@ from dmgcli.errors import DmgError, disk_full
 from dmgcli.fetch import Manifest, sha256_file
 from dmgcli.fileio import run_lock, write_json
 from dmgcli.h5data import FORMAT, VERSION, FileInfo, SplitAppender, StoredSplit, check_room, read_info, writing
+from dmgcli.image_encoding import RESIZE_NOTES, ImageEncoder
+from dmgcli.parallel import make_pool, ordered_map, worker_count
 from dmgcli.params import PreprocessParams
 
-# --------------------------------------------------------------------------- images
-
-@dataclass(frozen=True)
-class ImageEncoder:
-    """Source file -> stored image; runs in the worker processes."""
-    size: int
-    encoding: str
-    quality: int
-    resize: str = "center_crop"  # or "squash"
-
-    def __call__(self, path: str | None):
-        """(payload, sha256 of the source file, error): payload is JPEG bytes or uint8 [S, S, 3]."""
-        if path is None:  # a repeat of an image already stored: the main process copies it
-            return None
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return None, None, f"{type(exc).__name__}: {exc.strerror or exc}"
-        digest = hashlib.sha256(data).digest()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's EXIF/palette chatter, once per image otherwise
-                image = make_square(load_rgb(data, self.size), self.size, self.resize)
-        except Exception as exc:  # any decoder failure means "unreadable image", never a crash midway
-            return None, digest, error_text(exc)
-        return self.encode(image), digest, None
-
-    def encode(self, image):
-        if self.encoding == "raw":
-            return np.asarray(image, dtype=np.uint8)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=self.quality)
-        return buffer.getvalue()
-
-
-def error_text(exc: Exception) -> str:
-    """An exception as `Type: message`, without object addresses (`<_io.BytesIO object at 0x7f..>`),
-    so the report of identical inputs is identical."""
-    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image data", f"{type(exc).__name__}: {exc}")
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def load_rgb(data: bytes, size: int):
-    """Decode to RGB; transparent pixels are put over white (the usual clipart background).
-
-    16-bit images (Pillow's I;16 and I modes, e.g. 16-bit grey PNGs) are scaled to 8 bits
-    (v / 257); Pillow's own convert would clip them to 255, storing them almost white.
-    """
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale still >= size (fast for big photos)
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def make_square(image, size: int, resize: str):
-    """A size x size image: `squash` resizes the whole image (aspect not kept; the DomainNet
-    reference stored 224 x 224 squares, cv2 cubic, and resized them to 256 when training, dmg
-    resizes once, straight to `size`); `center_crop` resizes the shorter side to `size` and keeps
-    the central square, by one resize of the central box."""
-    from PIL import Image
-
-    width, height = image.size
-    if (width, height) == (size, size):
-        return image
-    if resize == "squash":
-        return image.resize((size, size), Image.Resampling.BILINEAR)
-    side = min(width, height)
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-
+# --------------------------------------------------------------------------- settings
 
 def image_settings(params: PreprocessParams) -> dict:
     if params.encoding not in ("jpeg", "raw"):
@@ -137,49 +52,6 @@ def image_settings(params: PreprocessParams) -> dict:
     if params.encoding == "jpeg":
         settings["jpeg_quality"] = params.jpeg_quality
     return settings
-
-
-# --------------------------------------------------------------------------- parallel, in order, bounded
-
-def worker_count(requested: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores if requested <= 0 else requested
-
-
-def make_pool(workers: int):
-    """A process pool, or None for one worker (then everything runs in this process).
-
-    Fork on Linux (workers start at once and need nothing re-imported); it is created before
-    the HDF5 file is opened, so no open file handle is inherited.
-    """
-    if workers <= 1:
-        return None
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    gc.freeze()  # the children's GC leaves the parent's objects (lists, manifest) alone, so they stay shared
-    pool = multiprocessing.get_context(method).Pool(workers)
-    gc.unfreeze()
-    return pool
-
-
-def _run_batch(fn: Callable, items: list) -> list:
-    return [fn(item) for item in items]
-
-
-def ordered_map(fn: Callable, items: Iterable, pool, workers: int, batch: int = 32) -> Iterator:
-    """fn over items, results in input order; at most 2 batches per worker in flight, so
-    memory stays bounded however long `items` is."""
-    items = iter(items)
-    if pool is None:
-        yield from map(fn, items)
-        return
-    depth = 2 * workers + 1
-    pending: deque = deque()
-    while chunk := list(islice(items, batch)):
-        pending.append(pool.apply_async(_run_batch, (fn, chunk)))
-        if len(pending) >= depth:
-            yield from pending.popleft().get()
-    while pending:
-        yield from pending.popleft().get()
 
 
 # --------------------------------------------------------------------------- conversion
@@ -248,9 +120,6 @@ def convert_real(info: DatasetInfo, raw: Path, out: Path, params: PreprocessPara
 
 
 MIN_JPEG_SHARE = 0.02  # a JPEG takes at least this share of its pixels' bytes (white sketches ~0.03, photos ~0.15)
-
-RESIZE_NOTES = {"center_crop": "shorter side to image_size (bilinear), central square kept",
-                "squash": "whole image to image_size x image_size (bilinear), aspect not kept"}
 
 
 @dataclass

@@ -10,7 +10,8 @@ commands that produce it.
 
 Tables: the paper's Tables 1-3 (`dmg report --table N`, numbers from dmgcli/paper_tables.json)
 and, for any dataset, the out-of-domain and in-domain tables of the params.yaml matrix.
-Formats (stages/report_formats.py): text, markdown, csv, latex, json. The stage writes reports/<dataset>/:
+Formats (stages/report_formats.py, of the Document in stages/report_document.py): text, markdown, csv,
+latex, json. The stage writes reports/<dataset>/:
   tables.{txt,md,csv,tex,json}   out-of-domain + in-domain tables of the matrix
   table<N>.{...}                 the paper's tables of this dataset (pacs: 2; domainnet: 1 and 3)
   figures/                       training curves, mask IoU/keep-probability plots, lambda_O sweep
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 from dmgcli.datasets import get_dataset
@@ -29,6 +29,7 @@ from dmgcli.fileio import write_text
 from dmgcli.params import MatrixParams
 from dmgcli.results import (STILL_LEARNING, Record, Runs, Stat, load_runs, metric, paper_data,  # noqa: F401 - re-exported
                             run_marks, stat)
+from stages.report_document import Cell, Document, FilledRow, FilledTable, RowSpec, TableSpec
 from stages.report_formats import (EXTENSIONS, FORMATS, Notes, footnotes, render, to_csv, to_json,  # noqa: F401
                                    to_latex, to_markdown, to_text)
 
@@ -48,29 +49,6 @@ PAPER_TABLES_OF = {"domainnet": (1, 3), "pacs": (2,)}
 
 
 # ----------------------------------------------------------------------------- table layouts
-
-@dataclass(frozen=True)
-class RowSpec:
-    """One table row: a backbone and a method, with the paper's numbers if it has the row."""
-    backbone: str
-    label: str
-    method: str | None  # our method key; None: not implemented here, paper numbers only
-    mode: str = "average"  # in-domain evaluation mode
-    paper: tuple[float, ...] | None = None  # one per column, then the paper's Overall
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str  # file stem: "table1" or "out_of_domain" / "in_domain"
-    title: str
-    dataset: str
-    kind: str  # "out_of_domain" or "in_domain"
-    columns: tuple[str, ...]  # target domains
-    column_labels: tuple[str, ...]
-    backbone_labels: dict[str, str]
-    rows: tuple[RowSpec, ...]
-    pretrained: bool  # whether the commands for missing cells start from ImageNet weights
-
 
 def paper_table(number: int) -> TableSpec:
     """The layout and numbers of the paper's Table `number` (1, 2 or 3)."""
@@ -123,39 +101,6 @@ def default_tables(matrix: MatrixParams, runs: Runs) -> list[TableSpec]:
 
 
 # ----------------------------------------------------------------------------- filling cells
-
-@dataclass(frozen=True)
-class Cell:
-    paper: float | None
-    ours: Stat | None
-    command: str | None = None  # produces the missing run(s) behind an empty cell
-    marks: tuple[str, ...] = ()  # how its runs differ from the reference protocol, unfinished runs, ...
-
-    @property
-    def diff(self) -> float | None:
-        """ours - paper, from our mean rounded as printed so the three numbers agree; only for
-        cells whose runs follow the paper's protocol (a marked cell compares across protocols)."""
-        if self.paper is None or self.ours is None or self.marks:
-            return None
-        return round(round(self.ours.mean, 2) - self.paper, 2) + 0.0  # + 0.0: no "-0.00"
-
-    @property
-    def note(self) -> str | None:
-        """The footnote text of a marked cell."""
-        return "; ".join(self.marks) or None
-
-
-@dataclass(frozen=True)
-class FilledRow:
-    spec: RowSpec
-    cells: tuple[Cell, ...]  # one per column, then Overall
-
-
-@dataclass(frozen=True)
-class FilledTable:
-    spec: TableSpec
-    rows: tuple[FilledRow, ...]
-
 
 def overall(columns: list[dict[int, float]]) -> Stat | None:
     """Per seed, the mean over all columns; only seeds that every column has."""
@@ -217,23 +162,6 @@ def missing_files(matrix: MatrixParams, runs: Runs, metrics_dir: str | Path) -> 
         if seed not in runs.get(backbone, method, target):
             missing.append(str(Path(metrics_dir, runs.dataset, backbone, method, target, f"seed{seed}.json")))
     return missing
-
-
-@dataclass(frozen=True)
-class Document:
-    """Tables rendered together (one footnote numbering) and the metrics files behind them."""
-    tables: tuple[FilledTable, ...]
-    runs: Runs
-    missing: tuple[str, ...] = ()  # metrics files the matrix expects that are not there
-
-    @property
-    def skipped(self) -> list[str]:
-        return self.runs.skipped
-
-    @property
-    def count(self) -> int:
-        """How many metrics files (runs) were tabulated."""
-        return sum(len(seeds) for seeds in self.runs.cells.values())
 
 
 def paper_document(number: int, metrics_dir: str | Path, seeds: tuple[int, ...]) -> Document:

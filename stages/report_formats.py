@@ -1,4 +1,4 @@
-"""The report's formats: text, markdown, csv, latex and json of one Document (stages/report.py).
+"""The report's formats: text, markdown, csv, latex and json of one Document (stages/report_document.py).
 
 Every format carries the same content: the paper's numbers, ours (mean ± sample std, n), the
 diff where our runs follow the paper's protocol, a mark [x] on cells whose runs are
@@ -12,13 +12,10 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dmgcli.errors import DmgError
 from dmgcli.results import paper_data
-
-if TYPE_CHECKING:  # types only: stages/report.py imports this module
-    from stages.report import Cell, Document, FilledRow, FilledTable
+from stages.report_document import Cell, Document, FilledRow, FilledTable
 
 FORMATS = ("text", "markdown", "csv", "latex", "json")
 EXTENSIONS = {"text": "txt", "markdown": "md", "csv": "csv", "latex": "tex", "json": "json"}

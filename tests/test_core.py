@@ -1,11 +1,52 @@
-"""The DMG core math against hand-computed values."""
+"""The DMG core math against hand-computed values, and against an oracle.
+
+dmgcli/core.py holds each operation once, batched over masked points and domain pairs as
+training runs it. The oracle below writes the same maths per pair and per point, the way
+equation (1) and section 2 of the paper state it; it is checked against hand-computed
+values, and the production code against it.
+"""
 import itertools
 
 import pytest
 import torch
 
-from dmgcli.core import (DomainMasks, apply_mask, domain_pairs, hard_iou_matrix, keep_probability, overlap_loss,
-                         soft_iou, straight_through_bernoulli)
+from dmgcli.core import (IOU_SMOOTHING, DomainMasks, apply_mask, domain_pairs, hard_iou_matrix, keep_probability,
+                         mean_pairwise_iou, straight_through_bernoulli)
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def soft_iou(p_i: torch.Tensor, p_j: torch.Tensor, eps: float = IOU_SMOOTHING) -> torch.Tensor:
+    """Soft IoU of two mask distributions over the last dimension, equation (1):
+
+        sIoU(m_i, m_j) = (m_i . m_j) / sum_k (m_i + m_j - m_i * m_j)
+
+    p_i, p_j: [..., U] keep-probabilities in [0, 1] -> [...]; `eps` smooths both terms."""
+    intersection = (p_i * p_j).sum(-1)
+    union = (p_i + p_j - p_i * p_j).sum(-1)
+    return (intersection + eps) / (union + eps)
+
+
+def overlap_loss(probs: torch.Tensor) -> torch.Tensor:
+    """The overlap term of one masked point: sIoU averaged over all pairs of domains. probs: [D, U]."""
+    pairs = domain_pairs(probs.shape[0])
+    if not pairs:
+        return probs.new_zeros(())
+    i, j = zip(*pairs)
+    return soft_iou(probs[list(i)], probs[list(j)]).mean()
+
+
+def soft_mask(masks: DomainMasks, layer: int, domains: torch.Tensor) -> torch.Tensor:
+    """Each sample's own-domain keep-probabilities at one point: domains [B] -> [B, U]."""
+    return masks.probs(layer)[domains]
+
+
+def hard_mask(masks: DomainMasks, layer: int, domains: torch.Tensor) -> torch.Tensor:
+    """Each sample's own-domain mask thresholded at 0.5 at one point: domains [B] -> [B, U]."""
+    return (masks.probs(layer)[domains] > 0.5).float()
+
+
+# ----------------------------------------------------------------------------- hand-computed values (oracle and core)
 
 
 def test_soft_iou_of_binary_masks_is_jaccard():
@@ -49,6 +90,14 @@ def test_hard_iou_matrix_thresholds_at_half():
     assert torch.equal(iou, iou.T)
 
 
+def test_mean_pairwise_iou_averages_distinct_pairs_then_points():
+    three = [[1.0, 0.2, 0.5], [0.2, 1.0, 0.8], [0.5, 0.8, 1.0]]  # pairs 0.2, 0.5, 0.8: mean 0.5
+    two = [[1.0, 0.1], [0.1, 1.0]]
+    assert mean_pairwise_iou([three]) == pytest.approx(0.5)
+    assert mean_pairwise_iou([three, two]) == pytest.approx(0.3)  # (0.5 + 0.1) / 2: the diagonal never counts
+    assert mean_pairwise_iou([[[1.0]]]) is None  # one domain: no pair
+
+
 def test_keep_probability_is_mean_per_domain():
     probs = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
     assert keep_probability(probs).tolist() == [0.5, 0.5]
@@ -83,7 +132,7 @@ def test_domain_masks_shapes_init_and_every_logit_gets_gradient():
     for logits in masks.logits:
         assert logits.shape[0] == 3 and (logits >= 0).all() and (logits < 1).all()  # U[0, 1)
     domains = torch.tensor([0, 1, 2, 0, 1, 2])
-    loss = sum(masks.train_mask(l, domains).sum() for l in range(len(masks))) + masks.overlap()
+    loss = sum(m.sum() for m in masks.batch_masks("train", domains)) + masks.overlap()
     loss.backward()
     for logits in masks.logits:
         assert logits.grad is not None and (logits.grad != 0).all()
@@ -94,12 +143,16 @@ def test_domain_masks_soft_and_hard_select_own_domain():
     with torch.no_grad():
         masks.logits[0].copy_(torch.tensor([[5.0, -5.0, 5.0], [-5.0, 5.0, 0.2]]))
     d = torch.tensor([1, 0])
-    soft = masks.soft_mask(0, d)
+    (soft,) = masks.batch_masks("soft", d)
     assert torch.allclose(soft, torch.sigmoid(masks.logits[0].detach())[d])
-    assert masks.hard_mask(0, d).tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+    assert masks.batch_masks("hard", d)[0].tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
     metrics = masks.metrics(["layer"], ["a", "b"])
     assert metrics["iou"]["layer"][0][1] == pytest.approx(1 / 3)
     assert set(metrics["keep_probability"]["layer"]) == {"a", "b"}
+    assert metrics["mean_pairwise_iou"] == mean_pairwise_iou([metrics["iou"]["layer"]])
+
+
+# ----------------------------------------------------------------------------- production against the oracle
 
 
 def test_batched_overlap_equals_the_per_layer_sum_and_its_gradient():
@@ -129,10 +182,10 @@ def test_batch_masks_equal_the_per_point_masks():
         for logits in masks.logits:
             logits.normal_(0, 2)
     d = torch.tensor([2, 0, 1, 1, 0])
-    for kind, per_point in (("soft", masks.soft_mask), ("hard", masks.hard_mask)):
+    for kind, per_point in (("soft", soft_mask), ("hard", hard_mask)):
         batched = masks.batch_masks(kind, d)
         assert [tuple(m.shape) for m in batched] == [(5, 5), (5, 2), (5, 6)]
-        assert all(torch.equal(b, per_point(l, d)) for l, b in enumerate(batched)), kind
+        assert all(torch.equal(b, per_point(masks, l, d)) for l, b in enumerate(batched)), kind
     sampled = masks.batch_masks("train", d)
     assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in sampled)
     # Straight-through: the gradient of sum(mask) reaches logit (d, u) once per sample of domain d,

@@ -503,14 +503,14 @@ def test_preprocess_refuses_to_start_a_file_the_disk_cannot_hold(workdir, monkey
     tmpfs): a disk already too full is refused before the first write."""
     import collections
 
-    from dmgcli import h5data
+    from dmgcli import h5write
     from dmgcli.datasets.digits import digits_source
 
     raw = workdir / "data" / "raw" / "digits"
     raw.mkdir(parents=True)
     shutil.copyfile(digits_source(), raw / "digits.csv.gz")
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(h5data.shutil, "disk_usage", lambda path: usage(10**6, 9 * 10**5, 10**5))
+    monkeypatch.setattr(h5write.shutil, "disk_usage", lambda path: usage(10**6, 9 * 10**5, 10**5))
     fails_cleanly(workdir, "preprocess", "digits", pattern="disk full: ")
 
 

@@ -440,7 +440,8 @@ def test_sweep_summary_averages_targets_then_seeds():
     assert row["out_of_domain"]["mean"] == pytest.approx(25.0)
     assert row["out_of_domain"]["std"] == pytest.approx(statistics.stdev([15.0, 35.0])) and row["mean_iou"]["n"] == 2
     masks = {"points": ["a", "b"], "iou": {"a": [[1, 0.2], [0.2, 1]], "b": [[1, 0.6], [0.6, 1]]}}
-    assert sweep.mean_pairwise_iou(masks) == pytest.approx(0.4)
+    assert sweep.mean_iou_of(masks) == pytest.approx(0.4)  # a details file from before the key
+    assert sweep.mean_iou_of({**masks, "mean_pairwise_iou": 0.25}) == 0.25  # the recorded value
 
 
 def test_sweep_settings_are_checked():
