@@ -22,23 +22,28 @@ from torch import nn
 from .backbones import Backbone, build_backbone, disable_dropout, new_head, split_at, split_frozen
 from .core import DomainMasks, apply_mask
 from .errors import DmgError
+from .params import TrainParams
 
 PREDICT_MODES = ("average", "known_domain", "hard")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
+    """What a method is built and optimised with. The training hyperparameters have no defaults of
+    their own: lr, mask_lr and weight_decay come from a schedule (dmgcli/params.py), the rest
+    default to params' declared values (TrainParams), so each default is written once."""
     backbone: str
     num_classes: int
     num_domains: int
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    mask_points: tuple[str, ...] | None = None
-    mask_init: str = "uniform"
-    overlap_lambda: float = 0.1
-    lr: float = 1e-4
-    mask_lr: float = 1e-4
-    weight_decay: float = 0.0
+    pretrained: bool = TrainParams.pretrained
+    pretrained_path: str | None = TrainParams.pretrained_path
+    mask_points: tuple[str, ...] | None = TrainParams.mask_points
+    mask_init: str = TrainParams.mask_init
+    mask_init_value: float | None = None  # mask_init constant: every logit's start; None: uniform (or a config before it)
+    overlap_lambda: float = TrainParams.overlap_lambda
+    lr: float  # Adam lr of the network
+    mask_lr: float  # Adam lr of the masks (DMG)
+    weight_decay: float  # of both optimisers
     average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
     head_init: str = "default"  # "default" (PyTorch's) or "normal" (N(0, 0.001)): see reference_head_init
     frozen_trunk: bool = False  # layers below the first mask point frozen (eval mode), see Method.encode
@@ -220,7 +225,8 @@ class DMG(Method):
         self.mask_points = config.mask_points or backbone.default_mask_points
         self.trunk, segments, units = split_at(backbone, self.mask_points)
         self.segments = nn.ModuleList(segments)
-        self.masks = DomainMasks(units, config.num_domains, init=config.mask_init)
+        init_value = 0.0 if config.mask_init_value is None else config.mask_init_value  # None: logit 0, as before it
+        self.masks = DomainMasks(units, config.num_domains, init=config.mask_init, init_value=init_value)
 
     def network_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("masks.") and p.requires_grad]

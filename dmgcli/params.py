@@ -143,6 +143,10 @@ class Schedule:
     power: float = 0.75
     decay_masks: bool = False  # the schedule also decays the masks' lr (the reference: DomainNet yes, PACS no)
 
+    def optimizer_settings(self) -> dict:
+        """lr, mask_lr and weight_decay as MethodConfig takes them (for methods built outside a run)."""
+        return {"lr": self.lr, "mask_lr": self.mask_lr, "weight_decay": self.weight_decay}
+
     def check(self, key: str) -> None:
         """Range checks; key names the schedule (train.schedules.<dataset>)."""
         check_range(f"{key}.epochs", self.epochs, minimum=1)
@@ -199,7 +203,8 @@ class TrainParams:
     pretrained: bool = False
     pretrained_path: Optional[str] = None  # ImageNet weights file; else the torch hub cache
     mask_points: Optional[tuple[str, ...]] = None  # None: the backbone's reference points
-    mask_init: str = "uniform"
+    mask_init: str = "uniform"  # uniform: logits ~ U[0, 1) as the reference code; constant: every logit mask_init_value
+    mask_init_value: float = 0.0  # mask_init constant: the starting logit of every mask entry (3.0: keep-probability 0.95)
     overlap_lambda: float = 0.1
     lr: Optional[float] = None  # None: the dataset schedule's lr
     mask_lr: Optional[float] = None  # None: the dataset schedule's mask_lr
@@ -228,6 +233,9 @@ class TrainParams:
         check_range("train.mask_lr", self.mask_lr, positive=True)
         check_seeds("train.seed", [self.seed])
         check_choice("train.mask_init", self.mask_init, MASK_INITS)
+        if self.mask_init != "constant" and self.mask_init_value != 0.0:
+            raise DmgError(f"params: train.mask_init_value {quote(self.mask_init_value)} takes effect only with "
+                           f"train.mask_init: constant (it is {self.mask_init})")
         check_choice("train.resident", self.resident, RESIDENT_MODES)
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         check_range("train.image_size", self.image_size, minimum=16)
