@@ -46,9 +46,9 @@ class MethodConfig:
     weight_decay: float  # of both optimisers
     average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
     head_init: str = "default"  # "default" (PyTorch's) or "normal" (N(0, 0.001)): see reference_head_init
-    frozen_trunk: bool = False  # layers below the first mask point frozen (eval mode), see Method.encode
-    image_size: int | None = None  # side of the input images (None: dmgcli.augment.CROP)
-    trunk_views: int = 1  # frozen_trunk: augmented views per training image (dmgcli/features.py)
+    frozen_trunk: bool = TrainParams.frozen_trunk  # layers below the first mask point frozen (eval), see Method.encode
+    image_size: int | None = TrainParams.image_size  # side of the input images (None: dmgcli.augment.CROP)
+    trunk_views: int = 1  # augmented views per training image (dmgcli/features.py); 1 unless frozen_trunk
 
 
 def reference_head_init(dataset: str, method: str, pretrained: bool) -> str:
