@@ -81,6 +81,10 @@ def test_mask_init_value_needs_mask_init_constant(tmp_path):
     write_params(tmp_path, train={"mask_init": "uniform", "mask_init_value": 2.0})
     with pytest.raises(DmgError, match="train.mask_init_value 2.0 takes effect only with train.mask_init: constant"):
         load_params(tmp_path / "params.yaml")
+    result = CliRunner().invoke(app, ["check", "--params", str(tmp_path / "params.yaml")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("dmg: error: params: train.mask_init_value 2.0 takes effect only with"), lines[0]
     write_params(tmp_path, train={"mask_init": "constant", "mask_init_value": "open"})
     with pytest.raises(DmgError, match="train.mask_init_value must be a number"):
         load_params(tmp_path / "params.yaml")
@@ -102,6 +106,11 @@ def test_constant_mask_init_starts_every_mask_at_its_value(digits_dir, tmp_path)
     trained = torch.load(out / "best.pt", weights_only=True)["model"]
     logits = [v for k, v in trained.items() if k.startswith("masks.logits.")]
     assert logits and all(torch.allclose(v, torch.full_like(v, 2.0), atol=1e-6) for v in logits)
+    # part of the run's settings, as mask_init is: a resume with another value is refused
+    params = write_params(tmp_path, train={"mask_init": "constant", "mask_init_value": 3.0})
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--target", "rot30", "--method", "dmg",
+                                      "--epochs", "2", "--mask-lr", "1e-12", "--out", str(out), "--resume"])
+    assert result.exit_code == 1 and "config.mask_init_value=2.0, not 3.0" in result.output, result.output
 
 
 def test_a_config_written_before_mask_init_value_still_loads():
