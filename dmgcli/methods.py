@@ -29,9 +29,9 @@ PREDICT_MODES = ("average", "known_domain", "hard")
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    """What a method is built and optimised with. The training hyperparameters have no defaults of
-    their own: lr, mask_lr and weight_decay come from a schedule (dmgcli/params.py), the rest
-    default to params' declared values (TrainParams), so each default is written once."""
+    """What a method is built and optimised with. It keeps no copies of params' defaults: lr,
+    mask_lr and weight_decay have none (they come from a schedule, dmgcli/params.py), and the
+    fields params.yaml also sets default to TrainParams' declared values."""
     backbone: str
     num_classes: int
     num_domains: int
@@ -225,7 +225,8 @@ class DMG(Method):
         self.mask_points = config.mask_points or backbone.default_mask_points
         self.trunk, segments, units = split_at(backbone, self.mask_points)
         self.segments = nn.ModuleList(segments)
-        init_value = 0.0 if config.mask_init_value is None else config.mask_init_value  # None: logit 0, as before it
+        # None: a uniform init, or a config written before mask_init_value (its `constant` was logit 0)
+        init_value = 0.0 if config.mask_init_value is None else config.mask_init_value
         self.masks = DomainMasks(units, config.num_domains, init=config.mask_init, init_value=init_value)
 
     def network_parameters(self):
