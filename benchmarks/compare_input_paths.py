@@ -39,6 +39,9 @@ from dmgcli.engine import model_input, place, resolve_device, seed_everything, t
 from dmgcli.fileio import write_json  # noqa: E402
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
+from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
+
+STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
 from stages.bench import endless, environment, synchronize, timed  # noqa: E402
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
@@ -150,7 +153,8 @@ def main() -> int:
         items = extract_sample(args.pacs, Path(tmp) / "imagefolder", args.images, seed=0)
         write_ours(items, Path(tmp) / "ours.h5")
         print(f"{len(items)} PACS images extracted and stored ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-        config = MethodConfig(backbone=args.backbone, num_classes=len(CLASSES), num_domains=len(DOMAINS))
+        config = MethodConfig(backbone=args.backbone, num_classes=len(CLASSES), num_domains=len(DOMAINS),
+                              **STEP_SETTINGS)
 
         def fresh_method():
             seed_everything(0)

@@ -20,6 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmgcli.backbones import build_backbone  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
+from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
+
+STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
 
 
 def count(step) -> int:
@@ -41,7 +44,8 @@ def main() -> int:
     y, d = torch.randint(0, 7, (4,)), torch.arange(4) % args.domains
     counts = {}
     for name in ("aggregate", "multihead", "dmg"):
-        method = build_method(name, MethodConfig(backbone=args.backbone, num_classes=7, num_domains=args.domains))
+        method = build_method(name, MethodConfig(backbone=args.backbone, num_classes=7, num_domains=args.domains,
+                                                 **STEP_SETTINGS))
         counts[name] = count(lambda: method.update(x, y, d))
     net = torch.nn.Sequential(*[m for _, m in build_backbone(args.backbone, 7).layers])
     opt = torch.optim.Adam(net.parameters())

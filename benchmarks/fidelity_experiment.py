@@ -60,7 +60,7 @@ def variants(schedule) -> dict[str, dict]:
         # diagnostics: masks starting almost fully open (keep-probability 0.95, logit 3) instead of
         # the reference's U[0, 1) logits (keep 0.5-0.73): if DMG then fits like Aggregate, the slow
         # fitting comes from the masks' dropout, not from a defect elsewhere in the method
-        "dmg-open": {"method": "dmg", "epochs": schedule.epochs, "logit_init": 3.0},
+        "dmg-open": {"method": "dmg", "epochs": schedule.epochs, "mask_init": "constant", "mask_init_value": 3.0},
         "dmg-masklr": {"method": "dmg", "epochs": schedule.epochs, "mask_lr": schedule.lr},
     }
 
@@ -120,17 +120,13 @@ def validation_accuracies(method, stream, augment, sources: int) -> dict[str, fl
     return out
 
 
-def run_one(info, h5: Path, params: TrainParams, schedule, logit_init: float | None = None) -> dict:
+def run_one(info, h5: Path, params: TrainParams, schedule) -> dict:
     """Train one run; after every epoch score source validation under each selection rule and
     keep the weights each rule would pick; at the end, score each pick on the target."""
     spec = make_spec(info, h5, params)
     device = resolve_device(params.device)
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
-    if logit_init is not None:
-        with torch.no_grad():
-            for logits in method.masks.logits:
-                logits.fill_(logit_init)
     scheduler, unit = make_scheduler(method.optimizers, schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
     train = source_stream(h5, spec.sources, "train", params.batch_size, device, params.workers)
@@ -255,11 +251,10 @@ def main() -> None:
                     continue
                 epochs = args.epochs or max(1, round(overrides["epochs"] * args.epochs_scale))
                 overrides = {**overrides, "epochs": epochs}
-                logit_init = overrides.pop("logit_init", None)
                 train_params = dataclasses.replace(params.train, target=target, seed=seed, backbone=args.backbone,
                                                    device=args.device, workers=args.workers, **overrides)
                 start = time.perf_counter()
-                run = run_one(info, h5, train_params, schedule, logit_init)
+                run = run_one(info, h5, train_params, schedule)
                 results.append({"variant": name, "target": target, "seed": seed, **run})
                 best = run["picks"]["hard" if overrides["method"] == "dmg" else "average"]
                 print(f"{name:15s} {target:12s} seed {seed}: target {best['target']['logits']:.2f} at epoch "

@@ -21,6 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmgcli.engine import model_input, place, training_objective  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
+from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
+
+STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
 from stages.bench import plain_network  # noqa: E402
 
 
@@ -61,7 +64,7 @@ def main() -> int:
                "device_name": torch.cuda.get_device_name()}
     for name in ("dmg", "aggregate"):
         method = place(build_method(name, MethodConfig(backbone=args.backbone, num_classes=args.classes,
-                                                       num_domains=args.domains)), device)
+                                                       num_domains=args.domains, **STEP_SETTINGS)), device)
         objective = training_objective(method, device)
         method.train()
         results[name] = profiled(lambda: method.update(x, y, d, objective), args.steps, args.warmup)

@@ -24,28 +24,33 @@ from torch import nn
 from .backbones import Backbone, build_backbone, disable_dropout, new_head, split_at, split_frozen
 from .core import DomainMasks, apply_mask
 from .errors import DmgError
+from .params import TrainParams
 
 PREDICT_MODES = ("average", "known_domain", "hard")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
+    """What a method is built and optimised with. It keeps no copies of params' defaults: lr,
+    mask_lr and weight_decay have none (they come from a schedule, dmgcli/params.py), and the
+    fields params.yaml also sets default to TrainParams' declared values."""
     backbone: str
     num_classes: int
     num_domains: int
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    mask_points: tuple[str, ...] | None = None
-    mask_init: str = "uniform"
-    overlap_lambda: float = 0.1
-    lr: float = 1e-4
-    mask_lr: float = 1e-4
-    weight_decay: float = 0.0
+    pretrained: bool = TrainParams.pretrained
+    pretrained_path: str | None = TrainParams.pretrained_path
+    mask_points: tuple[str, ...] | None = TrainParams.mask_points
+    mask_init: str = TrainParams.mask_init
+    mask_init_value: float | None = None  # mask_init constant: every logit's start; None: uniform (or a config before it)
+    overlap_lambda: float = TrainParams.overlap_lambda
+    lr: float  # Adam lr of the network
+    mask_lr: float  # Adam lr of the masks (DMG)
+    weight_decay: float  # of both optimisers
     average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
     head_init: str = "default"  # "default" (PyTorch's) or "normal" (N(0, 0.001)): see reference_head_init
-    frozen_trunk: bool = False  # layers below the first mask point frozen (eval mode), see Method.encode
-    image_size: int | None = None  # side of the input images (None: dmgcli.augment.CROP)
-    trunk_views: int = 1  # frozen_trunk: augmented views per training image (dmgcli/features.py)
+    frozen_trunk: bool = TrainParams.frozen_trunk  # layers below the first mask point frozen (eval), see Method.encode
+    image_size: int | None = TrainParams.image_size  # side of the input images (None: dmgcli.augment.CROP)
+    trunk_views: int = 1  # augmented views per training image (dmgcli/features.py); 1 unless frozen_trunk
 
 
 def reference_head_init(dataset: str, method: str, pretrained: bool) -> str:
@@ -227,7 +232,9 @@ class DMG(Method):
         self.mask_points = config.mask_points or backbone.default_mask_points
         self.trunk, segments, units = split_at(backbone, self.mask_points)
         self.segments = nn.ModuleList(segments)
-        self.masks = DomainMasks(units, config.num_domains, init=config.mask_init)
+        # None: a uniform init, or a config written before mask_init_value (its `constant` was logit 0)
+        init_value = 0.0 if config.mask_init_value is None else config.mask_init_value
+        self.masks = DomainMasks(units, config.num_domains, init=config.mask_init, init_value=init_value)
 
     def network_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("masks.") and p.requires_grad]

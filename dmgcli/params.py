@@ -1,60 +1,20 @@
-"""params.yaml as typed, frozen dataclasses.
+"""params.yaml as typed, frozen dataclasses: the one table of every default.
 
-Every stage reads its own section. Unknown keys and values of the wrong type are errors
-that name the key (the reference code printed a warning and carried on). Command-line
-flags override values after loading, through `override`.
+Each section's dataclass declares its keys, their types and their defaults (the training
+schedules in DEFAULT_SCHEDULES), the way DomainBed's hparams_registry declares its
+hyperparameters once; params.yaml writes the same values out (tests/test_params.py checks
+that they agree), and MethodConfig takes its defaults from here. Every stage reads its own
+section. Reading a file and checking values: dmgcli/params_io.py; command-line flags
+override values after loading, through `params_io.override`.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import yaml
+from typing import Optional
 
 from .errors import DmgError
-from .fileio import shorten
-
-
-def quote(value) -> str:
-    """A value as an error message quotes it: its repr, cut to 80 characters (and safe for any depth)."""
-    import reprlib
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 6, 60, 60
-    text = short.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_range(key: str, value, minimum: float | None = None, positive: bool = False,
-                maximum: float | None = None) -> None:
-    """One-line errors for values of the right type but out of range (None means "default")."""
-    if value is None:
-        return
-    if minimum is not None and value < minimum:
-        raise DmgError(f"params: {key} must be at least {minimum}, got {quote(value)}")
-    if maximum is not None and value > maximum:
-        raise DmgError(f"params: {key} must be at most {maximum}, got {quote(value)}")
-    if positive and value <= 0:
-        raise DmgError(f"params: {key} must be positive, got {quote(value)}")
-
-
-def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DmgError(f"params: {key} must be one of {', '.join(choices)}, got {quote(value)}")
-
-
-SEED_LIMIT = 2**32  # numpy and torch seed generators with 32-bit values
-
-
-def check_seeds(key: str, seeds) -> None:
-    for seed in seeds:
-        if not 0 <= seed < SEED_LIMIT:
-            raise DmgError(f"params: {key} must be in [0, 2^32), got {quote(seed)}")
+from .params_io import check_choice, check_range, check_seeds, from_dict, quote, read_mapping
 
 
 RESIDENT_MODES = ("auto", "always", "never")  # train.resident; see dmgcli/data.py
@@ -143,6 +103,10 @@ class Schedule:
     power: float = 0.75
     decay_masks: bool = False  # the schedule also decays the masks' lr (the reference: DomainNet yes, PACS no)
 
+    def optimizer_settings(self) -> dict:
+        """lr, mask_lr and weight_decay as MethodConfig takes them (for methods built outside a run)."""
+        return {"lr": self.lr, "mask_lr": self.mask_lr, "weight_decay": self.weight_decay}
+
     def check(self, key: str) -> None:
         """Range checks; key names the schedule (train.schedules.<dataset>)."""
         check_range(f"{key}.epochs", self.epochs, minimum=1)
@@ -199,23 +163,27 @@ class TrainParams:
     pretrained: bool = False
     pretrained_path: Optional[str] = None  # ImageNet weights file; else the torch hub cache
     mask_points: Optional[tuple[str, ...]] = None  # None: the backbone's reference points
-    mask_init: str = "uniform"
+    mask_init: str = "uniform"  # uniform: logits ~ U[0, 1) as the reference code; constant: every logit mask_init_value
+    mask_init_value: float = 0.0  # mask_init constant: every mask logit's start (3.0: keep-probability 0.95)
     overlap_lambda: float = 0.1
     lr: Optional[float] = None  # None: the dataset schedule's lr
     mask_lr: Optional[float] = None  # None: the dataset schedule's mask_lr
     batch_size: int = 64
     epochs: Optional[int] = None  # None: the dataset schedule's epochs
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    workers: Optional[int] = None  # DataLoader workers for JPEG files; None: min(8, cores) (on CUDA they only read bytes)
+    # DataLoader workers for JPEG files; None: min(8, cores) (on CUDA they only read bytes)
+    workers: Optional[int] = None
     resident: str = "auto"  # hold each decoded split on the device: auto (if it fits), always or never
     precision: str = "bf16"  # CUDA: bf16 autocast or fp32; the CPU always computes in fp32
     compile: bool = False  # torch.compile the training step (CUDA; costs a minute or more at the start)
-    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
+    # torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     image_size: Optional[int] = None  # side of the images the network sees (pacs/domainnet augmentations); None: 224
     frozen_trunk: bool = False  # freeze the (pretrained) layers below the first mask point; train only those above
     trunk_cache: bool = True  # frozen_trunk: compute the trunk once per image and view (dmg features), not every step
     trunk_views: int = 4  # frozen_trunk: fixed augmented views of each training image
-    validation_mode: Optional[str] = None  # model selection on source val: hard, known_domain or average; None: the method's reference rule
+    # model selection on source val: hard, known_domain or average; None: the method's reference rule
+    validation_mode: Optional[str] = None
     schedule: Optional[str] = None  # the entry of `schedules` to train with; None: the dataset's (its schedule key)
     schedules: dict[str, Schedule] = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
 
@@ -228,6 +196,9 @@ class TrainParams:
         check_range("train.mask_lr", self.mask_lr, positive=True)
         check_seeds("train.seed", [self.seed])
         check_choice("train.mask_init", self.mask_init, MASK_INITS)
+        if self.mask_init != "constant" and self.mask_init_value != 0.0:
+            raise DmgError(f"params: train.mask_init_value {quote(self.mask_init_value)} takes effect only with "
+                           f"train.mask_init: constant (it is {self.mask_init})")
         check_choice("train.resident", self.resident, RESIDENT_MODES)
         check_choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         check_range("train.image_size", self.image_size, minimum=16)
@@ -330,162 +301,9 @@ class Params:
             check_range(f"datasets.{name}.image_size", spec.image_size, minimum=8)
 
 
-def _describe(tp) -> str:
-    """An annotation in words, for error messages: Optional[float] -> "a number or null"."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        return "a list"
-    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, "a mapping")
-
-
-def _convert(value: Any, tp, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting lists to tuples and dicts to dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except DmgError:
-                continue
-        raise DmgError(f"params: {key} must be {_describe(tp)}, got {quote(value)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise DmgError(f"params: {key} must be a mapping, got {quote(value)}")
-        return from_dict(tp, value, key)
-    if origin is tuple:
-        item_type = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise DmgError(f"params: {key} must be a list, got {quote(value)}")
-        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        _, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise DmgError(f"params: {key} must be a mapping, got {quote(value)}")
-        return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool):
-            raise DmgError(f"params: {key} must be a number, got {quote(value)}")
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is not None and not math.isfinite(number):
-            raise DmgError(f"params: {key} must be a finite number, got {quote(value)}")
-        if number is not None:
-            return number
-        raise DmgError(f"params: {key} must be a number, got {quote(value)}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DmgError(f"params: {key} must be an integer, got {quote(value)}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise DmgError(f"params: {key} must be true or false, got {quote(value)}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise DmgError(f"params: {key} must be a string, got {quote(value)}")
-        return value
-    raise TypeError(f"unsupported params annotation {tp!r} for {key}")
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise DmgError."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise DmgError(f"params: unknown key {quote(where)}; valid: {', '.join(sorted(names))}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            where = f"{prefix}.{f.name}" if prefix else f.name
-            values[f.name] = _convert(data[f.name], hints[f.name], where)
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required field is missing
-        raise DmgError(f"params: {prefix or 'root'}: {exc}") from None
-
-
-MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; anything past 1 MB is a mistake
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """safe_load without anchors and aliases: a few hundred bytes of nested aliases can expand
-    to gigabytes ("billion laughs"), and params files have no need for them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise DmgError(f"params: YAML aliases (*{shorten(event.anchor, 40)}) are not supported "
-                           f"(line {event.start_mark.line + 1}); write the values out")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        """A key given twice is an error (YAML keeps the last silently: a second `train:` section
-        would drop the whole first one)."""
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                line = key_node.start_mark.line + 1
-                if key_node.value in seen:
-                    raise DmgError(f"params: key {quote(key_node.value)} is given twice (lines {seen[key_node.value]} "
-                                   f"and {line}); keep one")
-                seen[key_node.value] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read params.yaml; a missing file gives the defaults, a malformed one an error."""
     path = Path(path)
-    if not path.exists():
-        if path.name == "params.yaml" and path.parent == Path("."):
-            return Params()
-        raise DmgError(f"params file {path} not found")
-    if not path.is_file():
-        raise DmgError(f"params file {path} is not a file")
-    if path.stat().st_size > MAX_PARAMS_BYTES:
-        raise DmgError(f"params file {path} is {path.stat().st_size} bytes; more than {MAX_PARAMS_BYTES} is "
-                       f"not a params file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DmgError(f"params file {path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise DmgError(f"params file {path} could not be read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.load(text, Loader=_NoAliasLoader) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise DmgError(f"params: {path} is not valid YAML{where}") from None
-    except RecursionError:
-        raise DmgError(f"params: {path} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise DmgError(f"params: {path} must hold a mapping of sections")
-    return from_dict(Params, data)
-
-
-def override(section, **values):
-    """Return `section` with the non-None values replaced, type-checked like params.yaml."""
-    hints = typing.get_type_hints(type(section))
-    changes = {}
-    for name, value in values.items():
-        if value is None:
-            continue
-        changes[name] = _convert(value, hints[name], name)
-    return dataclasses.replace(section, **changes)
-
-
-def to_dict(obj) -> dict:
-    """A params dataclass as plain JSON-friendly data (recorded with every model)."""
-    return dataclasses.asdict(obj)
+    if not path.exists() and path.name == "params.yaml" and path.parent == Path("."):
+        return Params()
+    return from_dict(Params, read_mapping(path))

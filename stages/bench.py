@@ -46,7 +46,7 @@ from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing
 from dmgcli.methods import METHODS, MethodConfig, build_method
-from dmgcli.params import TrainParams
+from dmgcli.params import DEFAULT_SCHEDULES, TrainParams
 
 IMAGE_SIZE, CROP = 256, aug.CROP
 MAX_IMAGES = 1024  # distinct JPEGs in the file; longer runs cycle through them (encoding them takes a while)
@@ -193,7 +193,8 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
         progress(f"writing {n} synthetic JPEGs at {IMAGE_SIZE} px ...")
         results["jpeg_mean_bytes"] = write_synthetic_file(Path(tmp) / "bench.h5", n, settings.domains, settings.classes,
                                                           settings.seed)
-        config = MethodConfig(backbone=settings.backbone, num_classes=settings.classes, num_domains=settings.domains)
+        config = MethodConfig(backbone=settings.backbone, num_classes=settings.classes, num_domains=settings.domains,
+                              **DEFAULT_SCHEDULES["domainnet"].optimizer_settings())  # sized as DomainNet
         method = place(build_method(settings.method, config), device, settings.precision)
         objective = training_objective(method, device, settings.compile, settings.compile_mode)
         train_aug = aug.get_augmentation(settings.augmentation)[0]

@@ -17,13 +17,14 @@ from dmgcli.engine import resolve_device
 from dmgcli.fileio import write_json
 from dmgcli.h5data import read_info
 from dmgcli.methods import MethodConfig
-from dmgcli.params import TrainParams
+from dmgcli.params import Schedule, TrainParams
 
 
-def trunk_config(params: TrainParams, backbone: str, num_classes: int) -> MethodConfig:
+def trunk_config(params: TrainParams, backbone: str, num_classes: int, schedule: Schedule) -> MethodConfig:
     """The part of a run's MethodConfig its frozen trunk depends on (make_spec gives runs the same)."""
     return MethodConfig(backbone=backbone, num_classes=num_classes, num_domains=1, pretrained=params.pretrained,
                         pretrained_path=params.pretrained_path, mask_points=params.mask_points,
+                        **schedule.optimizer_settings(),
                         frozen_trunk=True, image_size=params.image_size, trunk_views=params.trunk_views)
 
 
@@ -37,7 +38,7 @@ def features(info: DatasetInfo, data_dir: str | Path, params: TrainParams, backb
         classes = len(read_info(h5).classes)
         device = resolve_device(params.device)
         for backbone in backbones:
-            config = trunk_config(params, backbone, classes)
+            config = trunk_config(params, backbone, classes, params.schedule_for(info.schedule_key))
             key = feats.trunk_key(config, info.augmentation, h5, params.image_size, params.trunk_views)
             path = feats.ensure_cache(feats.cache_path(data_dir, info.name, backbone), key, h5, config, device, quiet)
             index["caches"][backbone] = {"file": path.name, "key": dataclasses.asdict(key)}

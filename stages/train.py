@@ -87,6 +87,7 @@ def make_spec(info: DatasetInfo, h5: Path, params: TrainParams, average_over: st
         backbone=params.backbone, num_classes=len(file_info.classes), num_domains=len(sources),
         pretrained=params.pretrained, pretrained_path=params.pretrained_path, mask_points=params.mask_points,
         mask_init=params.mask_init, overlap_lambda=params.overlap_lambda,
+        mask_init_value=params.mask_init_value if params.mask_init == "constant" else None,
         lr=schedule.lr if params.lr is None else params.lr,
         mask_lr=schedule.mask_lr if params.mask_lr is None else params.mask_lr,
         weight_decay=schedule.weight_decay, average_over=average_over,

@@ -37,7 +37,8 @@ def main(data_dir: str, out: str, node: str) -> None:
     out, cpu = Path(out), torch.device("cpu")
     with distributed.session(cpu) as (proc, device):
         torch.manual_seed(0)
-        method = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=5, lr=1e-3))
+        method = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=5, lr=1e-3,
+                                                        mask_lr=1e-4, weight_decay=0.0))
         without_batchnorm(method)
         method = engine.place(method, device)
         stream = source_stream(h5_path(data_dir, "digits"), SOURCES, "train", GLOBAL_BATCH // proc.world, device, 0)

@@ -304,7 +304,7 @@ def test_params_yaml_in_repo_loads_and_matches_defaults():
 
 def test_the_digits_convnet_trains_on_one_cpu_thread_unless_told(monkeypatch):
     """Two threads on a 16 px network only wait for each other (4x slower on a busy machine)."""
-    from dmgcli.cli import cpu_threads_for
+    from dmgcli.cli_base import cpu_threads_for
     from dmgcli.params import TrainParams
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -11,7 +11,8 @@ from dmgcli import data
 from dmgcli.cli import app
 from dmgcli.data import BatchStream, DomainImages, choose_resident, default_workers, one_ahead
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing
-from dmgcli.params import TrainParams, override
+from dmgcli.params import TrainParams
+from dmgcli.params_io import override
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,8 @@ def worker(rank: int, port: int, folder: str, data_dir: str) -> None:
     # 1. One epoch through the DDP objective; each process sees its own half of the samples.
     torch.manual_seed(0)
     method = engine.place(build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=5,
-                                                             lr=1e-3, mask_lr=1e-2)), torch.device("cpu"))
+                                                             lr=1e-3, mask_lr=1e-2, weight_decay=0.0)),
+                          torch.device("cpu"))
     initial = [p.detach().clone() for p in method.masks.logits]
     torch.manual_seed(rank)  # different crops/mask samples per process, as in `train`
     stream = source_stream(h5, sources, "train", 16, torch.device("cpu"), 0)

@@ -95,7 +95,8 @@ def test_shard_counts_add_up_to_the_whole_split(digits_dir):
     h5 = digits_dir / "data" / "prepared" / "digits.h5"
     images = DomainImages([SplitReader(h5, d, "val") for d in ("rot0", "rot30")], [0, 1])
     torch.manual_seed(0)
-    method = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2))
+    method = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2, lr=1e-4,
+                                                    mask_lr=1e-4, weight_decay=0.0))
     ident = lambda x: x.float() / 255  # noqa: E731
     whole = engine.correct_counts(method, BatchStream(images, 16, torch.device("cpu"), shard=Dist()), ident,
                                   "average", 2)
@@ -107,7 +108,7 @@ def test_shard_counts_add_up_to_the_whole_split(digits_dir):
 
 
 def test_fused_adam_steps_like_plain_adam():
-    config = MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-2, weight_decay=1e-4)
+    config = MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-2, mask_lr=1e-4, weight_decay=1e-4)
     x, y, d = torch.rand(8, 3, 16, 16), torch.arange(8) % 10, torch.arange(8) % 3
     results = []
     for fused in (False, True):
@@ -126,7 +127,8 @@ def test_fused_adam_steps_like_plain_adam():
 
 
 def test_cpu_keeps_fp32_and_default_layout():
-    method = engine.place(build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2)),
+    method = engine.place(build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2,
+                                                                 lr=1e-4, mask_lr=1e-4, weight_decay=0.0)),
                           torch.device("cpu"), "bf16")
     conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous() and conv.weight.dtype == torch.float32
@@ -233,7 +235,8 @@ def test_gpu_stream_decodes_the_images_and_labels_of_the_cpu_stream(jpeg_file):
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_cuda_step_bf16_channels_last_fused(precision):
     device = torch.device("cuda")
-    method = engine.place(build_method("dmg", MethodConfig(backbone="resnet18", num_classes=7, num_domains=3)),
+    method = engine.place(build_method("dmg", MethodConfig(backbone="resnet18", num_classes=7, num_domains=3, lr=1e-4,
+                                                           mask_lr=1e-4, weight_decay=0.0)),
                           device, precision)
     conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

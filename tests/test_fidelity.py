@@ -69,7 +69,8 @@ def test_evaluate_computes_the_logits_of_the_trained_model(digits_dir, tmp_path,
 
 
 def test_normalisation_statistics_travel_in_the_checkpoint():
-    net = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2))
+    net = build_method("aggregate", MethodConfig(backbone="convnet", num_classes=10, num_domains=2, lr=1e-4,
+                                                 mask_lr=1e-4, weight_decay=0.0))
     state = net.state_dict()
     assert torch.equal(state["net.0.mean"].flatten(), torch.tensor([0.5, 0.5, 0.5]))
     assert "net.0.std" in state
@@ -78,7 +79,7 @@ def test_normalisation_statistics_travel_in_the_checkpoint():
 def test_evaluation_build_does_not_read_the_weights_file(tmp_path):
     """A checkpoint replaces every weight; building for it must not need the ImageNet file."""
     config = MethodConfig(backbone="resnet18", num_classes=7, num_domains=3, pretrained=True,
-                          pretrained_path=str(tmp_path / "absent.pth"))
+                          pretrained_path=str(tmp_path / "absent.pth"), lr=1e-4, mask_lr=1e-4, weight_decay=0.0)
     method = build_method("dmg", config, load_weights=False)
     assert torch.allclose(method.trunk[0].mean.flatten(), torch.tensor(IMAGENET_MEAN))
 
@@ -96,7 +97,8 @@ def test_a_head_replacing_a_pretrained_one_starts_as_the_references(backbone, he
     for dataset, method, expected_normal in [("pacs", "multihead", True), ("pacs", "dmg", False),
                                               ("pacs", "aggregate", False), ("domainnet", "aggregate", True)]:
         config = MethodConfig(backbone=backbone, num_classes=345, num_domains=3, pretrained=True,
-                              head_init=reference_head_init(dataset, method, True))
+                              head_init=reference_head_init(dataset, method, True), lr=1e-4, mask_lr=1e-4,
+                              weight_decay=0.0)
         built = build_method(method, config, load_weights=False)
         heads = built.heads if method == "multihead" else [
             dict(built.named_modules())[n] for n, m in built.named_modules() if m is built_head(built)]
@@ -116,7 +118,7 @@ def lrs(method):
 def test_schedule_decays_the_masks_where_the_reference_did(dataset, masks_decay):
     schedule = DEFAULT_SCHEDULES[dataset]
     method = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-4,
-                                              mask_lr=1e-2))
+                                              mask_lr=1e-2, weight_decay=0.0))
     scheduler, unit = make_scheduler(method.optimizers, schedule)
     assert unit == ("step" if dataset == "domainnet" else "epoch")
     for _ in range(1000):
@@ -126,7 +128,7 @@ def test_schedule_decays_the_masks_where_the_reference_did(dataset, masks_decay)
     assert lrs(method)[1] == pytest.approx(1e-2 * network_factor if masks_decay else 1e-2)
     state = scheduler.state_dict()
     fresh = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-4,
-                                             mask_lr=1e-2))
+                                             mask_lr=1e-2, weight_decay=0.0))
     for opt, saved in zip(fresh.optimizers, method.optimizers):  # a resume restores both, as stages/train.py does
         opt.load_state_dict(saved.state_dict())
     again, _ = make_scheduler(fresh.optimizers, schedule)
@@ -136,7 +138,8 @@ def test_schedule_decays_the_masks_where_the_reference_did(dataset, masks_decay)
 
 
 def test_masks_get_the_networks_weight_decay():
-    method = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, weight_decay=1e-5))
+    method = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-4, mask_lr=1e-4,
+                                              weight_decay=1e-5))
     network, masks = method.optimizers
     assert network.defaults["weight_decay"] == masks.defaults["weight_decay"] == 1e-5
     assert {id(p) for p in masks.param_groups[0]["params"]} == {id(p) for p in method.masks.parameters()}

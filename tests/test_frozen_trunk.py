@@ -97,7 +97,8 @@ def test_imagenet_weights_recognise_real_pacs_photos():
 
 
 def test_frozen_trunk_keeps_imagenet_weights_and_statistics():
-    config = MethodConfig(backbone=BACKBONE, num_classes=3, num_domains=2, pretrained=True, frozen_trunk=True, lr=1e-2)
+    config = MethodConfig(backbone=BACKBONE, num_classes=3, num_domains=2, pretrained=True, frozen_trunk=True, lr=1e-2,
+                          mask_lr=1e-4, weight_decay=0.0)
     method = build_method("aggregate", config)
     frozen = {k: v.clone() for k, v in method.frozen.state_dict().items()}
     method.train()

@@ -327,7 +327,7 @@ def test_flipped_jpeg_bytes_are_found_by_info_verify(jpeg_copy, tmp_path):
 
 def test_training_reads_report_a_damaged_image_by_name(jpeg_copy):
     """The DataLoader path training uses: the worker's error reaches the CLI as one line naming the image."""
-    from dmgcli.cli import one_line
+    from dmgcli.cli_base import one_line
     from dmgcli.data import BatchStream, DomainImages
     from dmgcli.h5data import CorruptImage, SplitReader
 

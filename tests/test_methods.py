@@ -8,6 +8,7 @@ from dmgcli.errors import DmgError
 from dmgcli.methods import DMG, METHODS, MethodConfig, build_method
 
 NUM_CLASSES, NUM_DOMAINS = 7, 3
+OPTIMIZERS = {"lr": 1e-4, "mask_lr": 1e-4, "weight_decay": 0.0}  # MethodConfig takes them from a schedule
 # AlexNet's conv stack needs at least 63 px; the others run at 32.
 SIZES = {"alexnet": 64, "resnet18": 32, "resnet50": 32, "convnet": 16, "efficientnet_lite0": 32,
          "efficientnet_lite0_mlp": 32}
@@ -25,7 +26,8 @@ def batch(size: int, n: int = 6):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_on_every_backbone(method, backbone):
     torch.manual_seed(0)
-    m = build_method(method, MethodConfig(backbone=backbone, num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS, lr=1e-3))
+    m = build_method(method, MethodConfig(backbone=backbone, num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS, lr=1e-3,
+                                          mask_lr=1e-4, weight_decay=0.0))
     x, y, d = batch(SIZES[backbone])
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     stats = m.update(x, y, d)
@@ -44,7 +46,8 @@ def test_every_method_on_every_backbone(method, backbone):
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_dmg_gradient_reaches_every_mask_logit(backbone):
     torch.manual_seed(0)
-    m = build_method("dmg", MethodConfig(backbone=backbone, num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS))
+    m = build_method("dmg", MethodConfig(backbone=backbone, num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS,
+                                         **OPTIMIZERS))
     x, y, d = batch(SIZES[backbone], n=9)
     loss, _ = m.objective(x, y, d)
     loss.backward()
@@ -63,15 +66,16 @@ def test_reference_mask_points_and_units():
 
 
 def test_dmg_turns_dropout_off_and_baselines_keep_it():
-    dmg = build_method("dmg", MethodConfig(backbone="alexnet", num_classes=2, num_domains=2))
-    agg = build_method("aggregate", MethodConfig(backbone="alexnet", num_classes=2, num_domains=2))
+    dmg = build_method("dmg", MethodConfig(backbone="alexnet", num_classes=2, num_domains=2, **OPTIMIZERS))
+    agg = build_method("aggregate", MethodConfig(backbone="alexnet", num_classes=2, num_domains=2, **OPTIMIZERS))
     assert not any(isinstance(mod, torch.nn.Dropout) for mod in dmg.modules())
     assert any(isinstance(mod, torch.nn.Dropout) for mod in agg.modules())
 
 
 def make_dmg(**kw) -> DMG:
     torch.manual_seed(0)
-    m = build_method("dmg", MethodConfig(backbone="convnet", num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS, **kw))
+    m = build_method("dmg", MethodConfig(backbone="convnet", num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS,
+                                         **OPTIMIZERS, **kw))
     with torch.no_grad():  # spread the keep-probabilities so domains really differ
         for logits in m.masks.logits:
             logits.normal_(0, 2)
@@ -85,7 +89,7 @@ def test_average_equals_mean_of_per_domain_outputs():
         per_domain = torch.stack([m.predict(x, "known_domain", torch.full((len(x),), k)) for k in range(NUM_DOMAINS)])
         assert torch.allclose(m.predict(x, "average"), per_domain.mean(0), atol=1e-5)
         probs = build_method("dmg", MethodConfig(backbone="convnet", num_classes=NUM_CLASSES, num_domains=NUM_DOMAINS,
-                                                 average_over="probs"))
+                                                 average_over="probs", **OPTIMIZERS))
         probs.load_state_dict(m.state_dict())
         probs.eval()
         assert torch.allclose(probs.predict(x, "average"), per_domain.softmax(-1).mean(0), atol=1e-5)
@@ -115,11 +119,12 @@ def test_trunk_runs_once_per_batch_at_test_time():
 
 def test_registries_raise_listing_valid_names():
     with pytest.raises(DmgError, match="valid: .*dmg"):
-        build_method("nope", MethodConfig(backbone="convnet", num_classes=2, num_domains=2))
+        build_method("nope", MethodConfig(backbone="convnet", num_classes=2, num_domains=2, **OPTIMIZERS))
     with pytest.raises(DmgError, match="valid: .*resnet18"):
         build_backbone("vgg", 2)
     with pytest.raises(DmgError, match="unknown mask point"):
-        build_method("dmg", MethodConfig(backbone="convnet", num_classes=2, num_domains=2, mask_points=("nope",)))
+        build_method("dmg", MethodConfig(backbone="convnet", num_classes=2, num_domains=2, mask_points=("nope",),
+                                               **OPTIMIZERS))
 
 
 def test_pretrained_without_weights_file_says_where_to_put_it(tmp_path):
