@@ -148,13 +148,16 @@ def register(name: str):
     return wrap
 
 
-def build_method(name: str, config: MethodConfig, load_weights: bool = True) -> Method:
+def build_method(name: str, config: MethodConfig, load_weights: bool = True, optimizers: bool = True) -> Method:
     """The method `name` as `config` trains it. load_weights=False: the same network (ImageNet
-    normalisation and head init included) without reading ImageNet weights, for loading a checkpoint."""
+    normalisation and head init included) without reading ImageNet weights, for loading a checkpoint.
+    optimizers=False: none (evaluation; building the first torch optimizer imports torch._dynamo,
+    seconds of CPU in every evaluate process)."""
     if name not in METHODS:
         raise DmgError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     method = METHODS[name](config, load_weights)
-    method.build_optimizers()
+    if optimizers:
+        method.build_optimizers()
     return method
 
 

@@ -24,7 +24,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 @dataclass(frozen=True)
 class MatrixParams:
     """The experiment grid DVC expands: one training run per combination."""
-    targets: tuple[str, ...] = ("rot0", "rot15", "rot30", "rot45", "rot60", "rot75")
+    # every other rotation of the embedded digits: the main job's 9 runs stay a few minutes on 2 cores
+    # (all six targets: 18 runs, about twice the time; the README has both results)
+    targets: tuple[str, ...] = ("rot0", "rot30", "rot60")
     methods: tuple[str, ...] = ("aggregate", "multihead", "dmg")
     backbones: tuple[str, ...] = ("convnet",)
     seeds: tuple[int, ...] = (0,)

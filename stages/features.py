@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dmgcli import features as feats
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import resolve_device
 from dmgcli.fileio import write_json
-from dmgcli.h5data import read_info
-from dmgcli.methods import MethodConfig
 from dmgcli.params import Schedule, TrainParams
+
+if TYPE_CHECKING:
+    from dmgcli.methods import MethodConfig
+
+# torch (and the modules that need it) is imported only when there is a trunk to run: without
+# train.frozen_trunk this stage writes its index in a fraction of a second, not after torch's import.
 
 
 def trunk_config(params: TrainParams, backbone: str, num_classes: int, schedule: Schedule) -> MethodConfig:
     """The part of a run's MethodConfig its frozen trunk depends on (make_spec gives runs the same)."""
+    from dmgcli.methods import MethodConfig
+
     return MethodConfig(backbone=backbone, num_classes=num_classes, num_domains=1, pretrained=params.pretrained,
                         pretrained_path=params.pretrained_path, mask_points=params.mask_points,
                         **schedule.optimizer_settings(),
@@ -34,6 +39,10 @@ def features(info: DatasetInfo, data_dir: str | Path, params: TrainParams, backb
     folder = Path(data_dir) / "features" / info.name
     index = {"dataset": info.name, "frozen_trunk": params.frozen_trunk, "caches": {}}
     if params.frozen_trunk:
+        from dmgcli import features as feats
+        from dmgcli.engine import resolve_device
+        from dmgcli.h5data import read_info
+
         h5 = require_h5(data_dir, info.name)
         classes = len(read_info(h5).classes)
         device = resolve_device(params.device)

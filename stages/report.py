@@ -4,7 +4,8 @@ Reads the metrics files evaluate writes, metrics/<dataset>/<backbone>/<method>/<
 One table cell is one (backbone, method, target); its seeds are averaged:
   mean +- sample standard deviation (n - 1 in the denominator) over the n seeds.
 "Overall" is, per seed, the mean over all columns, then averaged over the seeds that every
-column has (the paper's Overall is the mean of its columns). Each cell with a paper number
+column has (the paper's Overall is the mean of its columns). The default tables' columns are the
+targets of the matrix and those with runs, so a matrix of some targets has the Overall of those. Each cell with a paper number
 also shows diff = ours - paper. A cell with no run shows "-" and a footnote with the
 commands that produce it.
 
@@ -73,7 +74,25 @@ def paper_rows(dataset: str, kind: str) -> dict[tuple[str, str, str], tuple[floa
     return found
 
 
-def matrix_rows(matrix: MatrixParams, runs: Runs, kind: str) -> tuple[RowSpec, ...]:
+def shown_targets(matrix: MatrixParams, runs: Runs) -> tuple[str, ...]:
+    """Columns of the default tables: the dataset's domains that the matrix targets or that have
+    runs, in the dataset's order (a matrix of some targets gets a table, and an Overall, of those)."""
+    wanted = set(matrix.targets) | {target for _, _, target in runs.cells}
+    return tuple(d for d in get_dataset(runs.dataset).domains if d in wanted)
+
+
+def paper_columns(values: tuple[float, ...] | None, domains: tuple[str, ...],
+                  columns: tuple[str, ...]) -> tuple[float | None, ...] | None:
+    """A paper row (one number per domain, then its Overall) cut to `columns`; the paper's
+    Overall only when every domain is shown (the mean of other columns is not the paper's)."""
+    if values is None:
+        return None
+    by_domain = dict(zip(domains, values))
+    return tuple(by_domain[c] for c in columns) + (values[-1] if columns == domains else None,)
+
+
+def matrix_rows(matrix: MatrixParams, runs: Runs, kind: str,
+                columns: tuple[str, ...]) -> tuple[RowSpec, ...]:
     """Rows of the default tables: the matrix's backbones x methods, then any other that has runs."""
     pairs = [(b, m) for b in matrix.backbones for m in matrix.methods]
     pairs += sorted({(b, m) for b, m, _ in runs.cells} - set(pairs),
@@ -81,11 +100,13 @@ def matrix_rows(matrix: MatrixParams, runs: Runs, kind: str) -> tuple[RowSpec, .
     backbones = list(dict.fromkeys(b for b, _ in pairs))
     pairs.sort(key=lambda p: backbones.index(p[0]))  # stable: group by backbone, matrix order first
     paper = paper_rows(runs.dataset, kind)
+    domains = get_dataset(runs.dataset).domains
     rows = []
     for backbone, method in pairs:
         modes = METHOD_ROWS.get(method, (("average", method),))
         for mode, label in modes[:1] if kind == "out_of_domain" else modes:
-            rows.append(RowSpec(backbone, label, method, mode, paper.get((backbone, method, mode))))
+            values = paper_columns(paper.get((backbone, method, mode)), domains, columns)
+            rows.append(RowSpec(backbone, label, method, mode, values))
     return tuple(rows)
 
 
@@ -96,8 +117,9 @@ def default_tables(matrix: MatrixParams, runs: Runs) -> list[TableSpec]:
               "in_domain": f"{info.name}: in-domain accuracy (%), mean over the source domains' "
                            f"{'validation (crossval: the official test list is the whole domain)' if info.in_domain_split == 'val' else 'test'} splits, "
                            f"column = held-out target domain"}
-    return [TableSpec(kind, titles[kind], info.name, kind, info.domains, info.domains, BACKBONE_LABELS,
-                      matrix_rows(matrix, runs, kind), pretrained=False) for kind in KINDS]
+    columns = shown_targets(matrix, runs)
+    return [TableSpec(kind, titles[kind], info.name, kind, columns, columns, BACKBONE_LABELS,
+                      matrix_rows(matrix, runs, kind, columns), pretrained=False) for kind in KINDS]
 
 
 # ----------------------------------------------------------------------------- filling cells

@@ -267,7 +267,7 @@ def test_check_names_the_bad_matrix_entry(workdir):
     write_params(workdir, matrix={"methods": ["dmg", "erm"]})
     one_line_error(dmg("check", ok=False), "params: matrix.methods has unknown 'erm'; valid: ")
     write_params(workdir)
-    assert "ok: digits, 18 runs" in dmg("check").output
+    assert "ok: digits, 9 runs (3 targets x 3 methods" in dmg("check").output
     assert (workdir / "data/params.checked").exists()
 
 

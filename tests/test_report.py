@@ -350,7 +350,7 @@ def test_a_run_that_may_not_have_finished_learning_is_marked(metrics):
         f"may not have finished learning (seed 1: best epoch {best} of 96, source validation still rising)",)
     # the Overall counts such columns instead of repeating each run's note
     assert cell(ood, "DMG", "convnet", "overall").marks == (
-        "unfinished run (seed 0: 2 of 96 epochs)", "may not have finished learning (1 of 6 targets)")
+        "unfinished run (seed 0: 2 of 96 epochs)", "may not have finished learning (1 of 2 targets)")  # the columns shown
 
 
 def test_the_reports_crop_is_the_training_crop():
@@ -557,3 +557,18 @@ def test_default_tables_of_another_dataset_than_the_matrix_come_from_its_runs(in
     assert doc.missing == ()
     sketch = cell(ood, "DMG", "resnet18", "sketch")  # the paper's Table 2 number beside ours
     assert sketch.paper == 75.21 and sketch.ours.mean == pytest.approx(74.1)
+
+
+def test_default_tables_show_the_matrix_targets_and_those_with_runs(in_fixtures, tmp_path):
+    """A matrix of some targets tabulates those (and any target with runs), its Overall is the mean
+    of the columns shown, and a paper row keeps its numbers for those columns but not its Overall."""
+    pacs = MatrixParams(targets=("sketch",), methods=("aggregate",), backbones=("alexnet",), seeds=(0,))
+    ood = report.default_document("pacs", pacs, "metrics").tables[0]
+    assert ood.spec.columns == ("art_painting", "cartoon", "photo", "sketch")  # resnet18 DMG has all four
+    shutil.copytree("metrics/pacs/alexnet", tmp_path / "pacs" / "alexnet")  # sketch only
+    ood = report.default_document("pacs", pacs, tmp_path).tables[0]
+    assert ood.spec.columns == ("sketch",)
+    aggregate = next(r for r in ood.rows if r.spec.label == "Aggregate")
+    table2 = next(r for r in report.paper_table(2).rows if (r.backbone, r.method) == ("alexnet", "aggregate"))
+    assert aggregate.spec.paper == (table2.paper[3], None)  # the paper's sketch number, no paper Overall
+    assert aggregate.cells[-1].ours.mean == aggregate.cells[0].ours.mean  # Overall of the one column
