@@ -34,12 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dmgcli import augment as aug  # noqa: E402
+from dmgcli.benchmarking import endless, environment, synchronize, timed  # noqa: E402
 from dmgcli.data import BatchStream, DomainImages  # noqa: E402
 from dmgcli.engine import model_input, place, resolve_device, seed_everything, training_objective  # noqa: E402
 from dmgcli.fileio import write_json  # noqa: E402
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
-from stages.bench import endless, environment, synchronize, timed  # noqa: E402
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dmgcli.benchmarking import plain_network  # noqa: E402
 from dmgcli.engine import model_input, place, training_objective  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
-from stages.bench import plain_network  # noqa: E402
 
 
 def profiled(step, steps: int, warmup: int) -> dict:
