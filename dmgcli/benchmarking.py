@@ -71,7 +71,8 @@ def settings_for(device: torch.device, method: str = "dmg", **overrides) -> Benc
         raise DmgError(f"unknown method {settings.method!r}; valid: {', '.join(METHODS)}")
     aug.get_augmentation(settings.augmentation)
     autocast_for(device, settings.precision)
-    if min(settings.batch_size, settings.steps, settings.eval_batch_size, settings.eval_steps) < 1 or settings.warmup < 0:
+    counts = (settings.batch_size, settings.steps, settings.eval_batch_size, settings.eval_steps)
+    if min(counts) < 1 or settings.warmup < 0:
         raise DmgError("bench: batch sizes and step counts must be positive (warmup may be 0)")
     if any(n < 1 for n in settings.concurrent):
         raise DmgError(f"bench: --concurrent counts must be positive, got {list(settings.concurrent)}")

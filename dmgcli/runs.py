@@ -127,9 +127,10 @@ def seed_process(seed: int, proc: distributed.Dist) -> None:
 
 def training_settings(spec: RunSpec, params: TrainParams, schedule: Schedule) -> dict:
     """What a resumed run must share with the run that wrote last.pt (besides the identity)."""
+    schedule_values = {k: v for k, v in dataclasses.asdict(schedule).items() if k not in ("epochs", "baseline_epochs")}
     return {**{f"config.{k}": v for k, v in dataclasses.asdict(spec.config).items()}, "seed": params.seed,
             "batch_size": params.batch_size, "validation_mode": params.validation_mode,
-            **{f"schedule.{k}": v for k, v in dataclasses.asdict(schedule).items() if k not in ("epochs", "baseline_epochs")}}
+            **{f"schedule.{k}": v for k, v in schedule_values.items()}}
 
 
 def check_settings(checkpoint: dict, settings: dict, path: Path) -> None:

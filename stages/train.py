@@ -142,7 +142,8 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
     train_stream, val_stream, train_aug, eval_aug = input_streams(info, h5, spec, params, method, batch_size, device,
                                                                   trunk)
     start_epoch = resume_from_last(run, h5, method, scheduler) if resume and (out / "last.pt").exists() else 0
-    objective = training_objective(method, device, params.compile, params.compile_mode)  # after loading: DDP broadcasts rank 0's weights
+    # after loading: under torchrun, DDP broadcasts rank 0's weights
+    objective = training_objective(method, device, params.compile, params.compile_mode)
     precision = params.precision if device.type == "cuda" else "fp32"
     run.protocol = run_protocol(info, h5, spec, params, schedule, run.epochs, precision)
     if proc.is_main:  # run.json of a run being replaced or continued is kept aside (train())
