@@ -126,8 +126,8 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     if missing or malformed:
         what = f"lacks {', '.join(missing)}" if missing else "has a malformed model or config"
         raise DmgError(f"checkpoint {name} is not a complete dmg checkpoint (it {what}); {advice}")
-    # Checkpoints written before evaluate.average_over left the method's config hold it: an
-    # evaluation setting, not part of the trained network, so dropped here.
+    # Checkpoints from before average_over left the method's config hold that key; it is an
+    # evaluation setting (evaluate.average_over), nothing the network was trained with: dropped.
     ckpt["config"].pop("average_over", None)
     unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(MethodConfig)})
     if unknown:

@@ -29,8 +29,8 @@ from dmgcli import distributed, features
 from dmgcli.checkpoint import rng_state, save_checkpoint
 from dmgcli.data import BatchStream
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import EpochStats, autocast_for, fit, make_scheduler, place, resolve_device, seed_everything
-from dmgcli.engine import training_objective
+from dmgcli.engine import (EpochStats, Schedulers, autocast_for, fit, make_scheduler, place, resolve_device,
+                           seed_everything, training_objective)
 from dmgcli.errors import DmgError
 from dmgcli.fileio import run_lock, write_json, write_text
 from dmgcli.fingerprint import check_same_data, data_record, recorded, require_images
@@ -126,6 +126,8 @@ class Training:
 
 def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: TrainParams, out: Path,
            device: torch.device, proc: distributed.Dist, resume: bool, quiet: bool) -> Path:
+    """Build the method and its inputs (continuing last.pt with resume), then fit it; after every
+    epoch validate on the sources, select, log and checkpoint (end_of_epoch); run.json at the end."""
     schedule = params.schedule_for(info.schedule_key)
     batch_size = per_process_batch(params.batch_size, proc.world)
     data = data_record(h5)  # the file the run trains on (recorded); empty splits refused before any work
@@ -166,7 +168,7 @@ def _train(info: DatasetInfo, data_dir: Path, h5: Path, spec: RunSpec, params: T
     return out
 
 
-def resume_from_last(run: Training, h5: Path, method: Method, scheduler) -> int:
+def resume_from_last(run: Training, h5: Path, method: Method, scheduler: Schedulers) -> int:
     """Continue the run's last.pt: weights, optimizers, scheduler, random state, log and best
     epoch; returns the number of epochs it completed."""
     ckpt = restore(run.out / "last.pt", run.spec, run.settings, method, scheduler, run.proc, run.params.seed)
@@ -193,7 +195,7 @@ def report_epoch(run: Training, epoch: int, stats: EpochStats, val: dict) -> Non
               f"{stats.images_per_second:.0f} img/s", flush=True)
 
 
-def save_epoch(run: Training, epoch: int, method: Method, scheduler, rng: list, improved: bool) -> None:
+def save_epoch(run: Training, epoch: int, method: Method, scheduler: Schedulers, rng: list, improved: bool) -> None:
     """last.pt (everything a resume needs), best.pt if the epoch was selected, and log.csv."""
     epochs_run = epoch + 1  # "epoch" in a checkpoint = epochs completed (1-based, as in log.csv and run.json)
     payload = {"identity": run.spec.identity(), "config": dataclasses.asdict(run.spec.config),
