@@ -18,7 +18,6 @@ to end, in images per second. Skips (exit 0) when PACS.zip is not there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dmgcli import augment as aug  # noqa: E402
+from dmgcli.benchmarking import endless, environment, timed  # noqa: E402
 from dmgcli.data import BatchStream, DomainImages  # noqa: E402
 from dmgcli.engine import model_input, place, resolve_device, seed_everything, training_objective  # noqa: E402
 from dmgcli.fileio import write_json  # noqa: E402
@@ -42,7 +42,6 @@ from dmgcli.methods import MethodConfig, build_method  # noqa: E402
 from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
 
 STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
-from stages.bench import endless, environment, synchronize, timed  # noqa: E402
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")

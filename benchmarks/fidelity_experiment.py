@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmgcli import augment as aug  # noqa: E402
 from dmgcli.datasets import get_dataset, require_h5  # noqa: E402
-from dmgcli.engine import (correct_counts, make_scheduler, model_input, place, resolve_device,  # noqa: E402
-                           seed_everything, train_one_epoch)
+from dmgcli.engine import (EpochStats, correct_counts, fit, make_scheduler, model_input, place,  # noqa: E402
+                           resolve_device, seed_everything)
 from dmgcli.h5data import read_info  # noqa: E402
 from dmgcli.methods import DMG, build_method  # noqa: E402
 from dmgcli.params import TrainParams, load_params  # noqa: E402
-from stages.train import make_spec, source_stream  # noqa: E402
+from dmgcli.runs import make_spec, source_stream  # noqa: E402
 
 SELECTION_RULES = ("hard", "soft", "average", "last")
 EVAL_MODES = ("logits", "probs", "sampled")
@@ -82,10 +82,9 @@ def score_batch(method, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
     """Correct predictions of one target batch in every evaluation mode the method has."""
     correct = {"logits": (method.predict(x, "average").argmax(-1) == y).sum().item()}
     if isinstance(method, DMG):
-        logits_config = method.config
-        method.config = dataclasses.replace(logits_config, average_over="probs")
+        method.average_over = "probs"
         correct["probs"] = (method.predict(x, "average").argmax(-1) == y).sum().item()
-        method.config = logits_config
+        method.average_over = "logits"
         correct["sampled"] = (sampled_scores(method, x, MC_SAMPLES).argmax(-1) == y).sum().item()
     return correct
 
@@ -127,18 +126,15 @@ def run_one(info, h5: Path, params: TrainParams, schedule) -> dict:
     device = resolve_device(params.device)
     seed_everything(params.seed)
     method = place(build_method(params.method, spec.config), device, params.precision)
-    scheduler, unit = make_scheduler(method.optimizers, schedule)
+    scheduler = make_scheduler(method.optimizers, schedule)
     train_aug, eval_aug = aug.get_augmentation(info.augmentation)
     train = source_stream(h5, spec.sources, "train", params.batch_size, device, params.workers)
     val = source_stream(h5, spec.sources, "val", 256, device, params.workers)
     target = source_stream(h5, (spec.target,), "test", 256, device, params.workers)
     rules = SELECTION_RULES if isinstance(method, DMG) else ("average", "last")
     rows, picks = [], {}
-    for epoch in range(params.epochs):
-        stats = train_one_epoch(method, train, train_aug, params.seed, epoch, scheduler, unit == "step",
-                                progress=False)
-        if unit == "epoch":
-            scheduler.step()
+
+    def end_of_epoch(epoch: int, stats: EpochStats) -> None:
         row = {"epoch": epoch + 1, "ce": stats.extra.get("ce", stats.loss),
                "val": validation_accuracies(method, val, eval_aug, len(spec.sources))}
         if isinstance(method, DMG):
@@ -149,6 +145,8 @@ def run_one(info, h5: Path, params: TrainParams, schedule) -> dict:
             if rule not in picks or score > picks[rule]["score"]:  # the first best epoch wins ties
                 state = {k: v.detach().to("cpu", copy=True) for k, v in method.state_dict().items()}
                 picks[rule] = {"epoch": row["epoch"], "score": score, "state": state}
+
+    fit(method, train, train_aug, params.seed, params.epochs, scheduler, end_of_epoch, progress=False)
     results = {}
     for rule, pick in picks.items():
         method.load_state_dict(pick["state"])

@@ -46,7 +46,6 @@ class MethodConfig:
     lr: float  # Adam lr of the network
     mask_lr: float  # Adam lr of the masks (DMG)
     weight_decay: float  # of both optimisers
-    average_over: str = "logits"  # how "average" combines per-domain outputs: logits or probs
     head_init: str = "default"  # "default" (PyTorch's) or "normal" (N(0, 0.001)): see reference_head_init
     frozen_trunk: bool = TrainParams.frozen_trunk  # layers below the first mask point frozen (eval), see Method.encode
     image_size: int | None = TrainParams.image_size  # side of the input images (None: dmgcli.augment.CROP)
@@ -67,6 +66,10 @@ class Method(nn.Module):
     """Shared plumbing: optimisers, the update step, the combination of per-domain outputs."""
 
     validation_mode = "average"
+    # How the "average" prediction combines per-domain outputs: over logits (the reference's rule,
+    # used in training's validation) or probs. An evaluation setting (evaluate.average_over, set by
+    # stages/evaluate.py), not a training one: not in MethodConfig, not in checkpoints.
+    average_over = "logits"
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -122,7 +125,7 @@ class Method(nn.Module):
 
     def combine(self, scores: torch.Tensor) -> torch.Tensor:
         """Average per-domain outputs [D, B, C] -> [B, C] over logits or probabilities."""
-        if self.config.average_over == "probs":
+        if self.average_over == "probs":
             return scores.float().softmax(-1).mean(0)
         return scores.mean(0)
 

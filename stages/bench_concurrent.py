@@ -21,13 +21,14 @@ from typing import Callable
 
 import torch
 
+from dmgcli.benchmarking import BenchSettings, bench_stream, endless, synchronize
 from dmgcli.errors import DmgError
 
 BARRIER_TIMEOUT = 600.0  # seconds a warm worker waits for the others
 WORKER_TIMEOUT = 1200.0
 
 
-def concurrent_figure(settings, device: torch.device, h5: Path, progress: Callable[[str], None]) -> dict:
+def concurrent_figure(settings: BenchSettings, device: torch.device, h5: Path, progress: Callable[[str], None]) -> dict:
     """{str(N): {"img_s": together, "per_run_img_s": [...]}} for each N in settings.concurrent."""
     figures = {}
     for count in settings.concurrent:
@@ -56,7 +57,6 @@ def worker(settings_json: str, device_name: str, h5: str, barrier: str, index: i
     from dmgcli.fileio import write_json
     from dmgcli.methods import MethodConfig, build_method
     from dmgcli.params import DEFAULT_SCHEDULES
-    from stages.bench import BenchSettings, bench_stream, endless, synchronize
 
     settings = BenchSettings(**{**json.loads(settings_json), "concurrent": ()})
     device = torch.device(device_name)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from dmgcli.backbones import BACKBONES
 from dmgcli.datasets import check_domain, get_dataset
-from dmgcli.engine import PRECISIONS, make_scheduler
+from dmgcli.engine import PRECISIONS
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_text
 from dmgcli.methods import METHODS
@@ -55,8 +53,7 @@ def check(params: Params) -> str:
         raise DmgError("params: matrix.seeds is empty; the pipeline would run nothing")
     if len(set(matrix.seeds)) != len(matrix.seeds):
         raise DmgError(f"params: matrix.seeds repeats a seed: {list(matrix.seeds)}")
-    schedule = params.train.schedule_for(info.schedule_key)  # the lookup train makes
-    make_scheduler([torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)], schedule)
+    params.train.schedule_for(info.schedule_key)  # the lookup train makes (loading params checked each schedule)
     if params.train.precision not in PRECISIONS:
         raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, got {params.train.precision!r}")
     if params.train.backbone not in BACKBONES:  # the sweep trains train.backbone

@@ -14,7 +14,7 @@ Details file (accuracies in percent, the paper's unit):
   "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}},  # DMG only
             "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}},
   "finished": bool,   # false: evaluated with allow_unfinished, the run had no run.json
-  "protocol": {...}   # how the run was trained (stages/train.py run_protocol); absent for old checkpoints
+  "protocol": {...}   # how the run was trained (dmgcli/runs.py run_protocol); absent for old checkpoints
 }
 In-domain modes: "average" for every method; "known_domain" for DMG (DMG-KnownDomain,
 Table 3) and Multi-Headed (own head).
@@ -29,7 +29,8 @@ from dmgcli import augment as aug
 from dmgcli import distributed, features
 from dmgcli.data import BatchStream, DomainImages
 from dmgcli.datasets import DatasetInfo, require_h5
-from dmgcli.engine import correct_counts, load_checkpoint, load_model_state, place, resolve_device
+from dmgcli.checkpoint import load_checkpoint, load_model_state
+from dmgcli.engine import correct_counts, place, resolve_device
 from dmgcli.errors import DmgError
 from dmgcli.fileio import check_replaceable, read_record, run_lock, write_json
 from dmgcli.fingerprint import check_same_data, data_record, require_images
@@ -37,7 +38,7 @@ from dmgcli.h5data import SplitReader
 from dmgcli.methods import DMG, MethodConfig, MultiHead, build_method
 from dmgcli.params import EvaluateParams, TrainParams
 from dmgcli.results import details_path, headline, metrics_path  # noqa: F401 - metrics_path re-exported
-from stages.train import check_identity, make_spec, run_dir
+from dmgcli.runs import check_identity, make_spec, run_dir
 
 
 def train_command(info: DatasetInfo, params: TrainParams, run: str | Path | None) -> str:
@@ -94,7 +95,7 @@ def evaluate(info: DatasetInfo, data_dir: str | Path, train_params: TrainParams,
         check_replaceable(out)
         check_replaceable(details_path(out))
     h5 = require_h5(data_dir, info.name)
-    spec = make_spec(info, h5, train_params, params.average_over)
+    spec = make_spec(info, h5, train_params)
     folder = Path(run) if run else run_dir(data_dir, info.name, train_params.backbone, train_params.method,
                                            train_params.target, train_params.seed)
     state = run_state(folder, info, train_params, run, allow_unfinished)
@@ -128,8 +129,9 @@ def _evaluate(info: DatasetInfo, data_dir: Path, h5: Path, spec, ckpt: dict, fol
     # Rebuild the network exactly as it was trained: its config (mask points, pretrained, hence the
     # input normalisation and head) comes from the checkpoint, not from params.yaml now; every weight
     # and buffer, normalisation statistics included, then comes from best.pt.
-    config = MethodConfig(**{**ckpt["config"], "average_over": params.average_over})
-    method = place(build_method(spec.method, config, load_weights=False), device, train_params.precision)
+    config = MethodConfig(**ckpt["config"])
+    method = place(build_method(spec.method, config, load_weights=False, optimizers=False), device, train_params.precision)
+    method.average_over = params.average_over  # how the "average" prediction combines the per-domain outputs
     load_model_state(method, ckpt["model"], folder / "best.pt")
     _, eval_aug = aug.get_augmentation(info.augmentation, config.image_size)
     if config.frozen_trunk:  # the trunk's features of the evaluation view, from the run's feature cache

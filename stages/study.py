@@ -39,7 +39,7 @@ from dmgcli.errors import DmgError
 from dmgcli.methods import METHODS
 from dmgcli.params import MatrixParams
 from dmgcli.results import details_path, metrics_path
-from stages.train import run_dir
+from dmgcli.runs import run_dir
 
 POLL_SECONDS = 0.2
 STOP_SECONDS = 10.0  # a stopped run gets this long after SIGTERM before SIGKILL

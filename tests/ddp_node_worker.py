@@ -16,7 +16,8 @@ from dmgcli import augment, distributed, engine
 from dmgcli.datasets import get_dataset, h5_path
 from dmgcli.methods import MethodConfig, build_method
 from dmgcli.params import load_params
-from stages.train import source_stream, train
+from dmgcli.runs import source_stream
+from stages.train import train
 
 GLOBAL_BATCH = 32
 SOURCES = ("rot0", "rot15", "rot30", "rot45", "rot60")  # 898 training images: even, so no process drops one

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dmgcli.cli import app
 from dmgcli.h5data import SplitReader, read_info
-from stages.bench import write_synthetic_file
+from dmgcli.benchmarking import write_synthetic_file
 
 
 def test_synthetic_file_holds_realistic_jpegs(tmp_path):

@@ -34,7 +34,8 @@ def worker(rank: int, port: int, folder: str, data_dir: str) -> None:
     from dmgcli.h5data import SplitReader
     from dmgcli.methods import MethodConfig, build_method
     from dmgcli.params import load_params
-    from stages.train import source_stream, train
+    from dmgcli.runs import source_stream
+    from stages.train import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -248,3 +248,54 @@ def test_cuda_step_bf16_channels_last_fused(precision):
     with torch.no_grad(), method.autocast():
         scores = method.predict(x, "average")
     assert scores.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+class OneWeight:
+    """A method for fit to drive: one weight, SGD at lr 1, a constant loss."""
+
+    def __init__(self):
+        self.weight = torch.zeros(1, requires_grad=True)
+        self.optimizers = [torch.optim.SGD([self.weight], lr=1.0)]
+
+    def train(self):
+        return self
+
+    def objective(self, x, y, d):
+        raise AssertionError("update is what fit calls")
+
+    def update(self, x, y, d, objective):
+        self.weight.grad = torch.zeros(1)
+        self.optimizers[0].step()
+        return {"loss": torch.tensor(1.0)}
+
+
+class ThreeBatches:
+    """Three batches of two samples per epoch."""
+    shard = Dist()
+
+    def __len__(self):
+        return 3
+
+    def shuffled(self, seed, epoch):
+        return iter([(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))] * 3)
+
+
+@pytest.mark.parametrize("lr_schedule,logged", [
+    ("exponential", [1.0, 0.5]),  # per epoch: the epoch's own rate is logged, then the schedule steps
+    ("inverse", [1 / (1 + 3), 1 / (1 + 6)]),  # per step: the rate after the epoch's 3 steps
+])
+def test_fit_steps_each_schedule_in_its_own_unit(lr_schedule, logged):
+    from dmgcli.params import Schedule
+
+    method = OneWeight()
+    scheduler = engine.make_scheduler(method.optimizers, Schedule(epochs=2, baseline_epochs=2, lr=1.0, mask_lr=1.0,
+                                                                  weight_decay=0.0, lr_schedule=lr_schedule,
+                                                                  gamma=0.5 if lr_schedule == "exponential" else 1.0,
+                                                                  power=1.0))
+    seen = []
+    engine.fit(method, ThreeBatches(), lambda x: x, 0, 2, scheduler,
+               lambda epoch, stats: seen.append((epoch, stats.lr, stats.images)), progress=False)
+    assert seen == [(0, pytest.approx(logged[0]), 6), (1, pytest.approx(logged[1]), 6)]
+    assert scheduler.unit == ("epoch" if lr_schedule == "exponential" else "step")
+    final = 0.25 if lr_schedule == "exponential" else 1 / 7
+    assert method.optimizers[0].param_groups[0]["lr"] == pytest.approx(final)

@@ -119,8 +119,8 @@ def test_schedule_decays_the_masks_where_the_reference_did(dataset, masks_decay)
     schedule = DEFAULT_SCHEDULES[dataset]
     method = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-4,
                                               mask_lr=1e-2, weight_decay=0.0))
-    scheduler, unit = make_scheduler(method.optimizers, schedule)
-    assert unit == ("step" if dataset == "domainnet" else "epoch")
+    scheduler = make_scheduler(method.optimizers, schedule)
+    assert scheduler.unit == ("step" if dataset == "domainnet" else "epoch")
     for _ in range(1000):
         scheduler.step()
     network_factor = (1 + 1e-4 * 1000) ** -0.75 if dataset == "domainnet" else 0.99 ** 1000
@@ -129,9 +129,9 @@ def test_schedule_decays_the_masks_where_the_reference_did(dataset, masks_decay)
     state = scheduler.state_dict()
     fresh = build_method("dmg", MethodConfig(backbone="convnet", num_classes=10, num_domains=3, lr=1e-4,
                                              mask_lr=1e-2, weight_decay=0.0))
-    for opt, saved in zip(fresh.optimizers, method.optimizers):  # a resume restores both, as stages/train.py does
+    for opt, saved in zip(fresh.optimizers, method.optimizers):  # a resume restores both, as dmgcli/runs.py restore does
         opt.load_state_dict(saved.state_dict())
-    again, _ = make_scheduler(fresh.optimizers, schedule)
+    again = make_scheduler(fresh.optimizers, schedule)
     again.load_state_dict(state)
     again.step(), scheduler.step()
     assert again.state_dict() == scheduler.state_dict() and lrs(fresh) == lrs(method)

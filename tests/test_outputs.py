@@ -98,12 +98,12 @@ def test_train_into_the_current_folder_keeps_the_users_dot_files(workdir):
 # --------------------------------------------------------------------------- 2. no run lost or restarted silently
 
 def interrupt_first_epoch(monkeypatch):
-    import stages.train
+    import dmgcli.engine
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages.train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(dmgcli.engine, "train_one_epoch", interrupted)
 
 
 @pytest.mark.parametrize("flag", ["--force", "--resume"])
@@ -243,7 +243,7 @@ def test_every_byte_of_a_checkpoint_is_covered_by_its_seal(finished_run, tmp_pat
     import numpy as np
     import torch
 
-    from dmgcli.engine import SEAL_LENGTH, load_checkpoint, seal_matches
+    from dmgcli.checkpoint import SEAL_LENGTH, load_checkpoint, seal_matches
 
     original = (finished_run / "best.pt").read_bytes()
     path = tmp_path / "best.pt"
@@ -259,6 +259,28 @@ def test_every_byte_of_a_checkpoint_is_covered_by_its_seal(finished_run, tmp_pat
             load_checkpoint(path)
     torch.save(torch.load(finished_run / "best.pt", weights_only=True), path)  # as dmg before the seal wrote it
     assert seal_matches(path) is None and load_checkpoint(path)["epoch"] == 1
+
+
+def test_checkpoints_holding_average_over_still_load(finished_run, tmp_path, digits_dir):
+    """Checkpoints written while average_over was part of the method's config (it is evaluate's
+    setting now) load without it, and the run still evaluates and resumes."""
+    import torch
+
+    from dmgcli.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        save_checkpoint(run / name, {**ckpt, "config": {**ckpt["config"], "average_over": "logits"}})
+        assert "average_over" not in load_checkpoint(run / name)["config"]
+    params = digits_dir / "params.yaml"
+    result = dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--device", "cpu", "--run", run,
+                 "--out", tmp_path / "m.json", "--average-over", "probs", "--params", params)
+    assert result.exit_code == 0, result.output
+    result = dmg(*train_args(run, "--resume", "--params", params, epochs=2))
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["best"]["epoch"] in (1, 2)
 
 
 # --------------------------------------------------------------------------- 5. the data a run was trained on
