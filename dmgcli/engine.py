@@ -58,15 +58,18 @@ def place(method: Method, device: torch.device, precision: str = "bf16") -> Meth
     """Move a freshly built method to its device and set it up to run fast there.
 
     CUDA: bf16 autocast (unless fp32), channels_last weights (tensor-core convolutions want
-    NHWC), fused Adam, cuDNN autotuning. CPU: deterministic kernels, otherwise as written.
+    NHWC), fused Adam, cuDNN autotuning. CPU: deterministic kernels for training, otherwise as written.
     Call before the first step and before a scheduler is attached (the optimizers are rebuilt).
     """
     method.to(device)
     method.autocast = autocast_for(device, precision)
     # CPU: same seed, same weights. Its multi-threaded scatter-add (the backward of a mask
     # lookup by domain, probs[d]) sums in a varying order unless told not to. CUDA keeps the
-    # fast kernels (a process-wide switch, so set either way).
-    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    # fast kernels (a process-wide switch, so set either way). Only training runs backward: a
+    # method built for evaluation (no optimizers) skips the switch, whose first call imports
+    # torch._inductor (seconds of CPU in every evaluate process).
+    if method.optimizers:
+        torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         method.to(memory_format=torch.channels_last)  # 4-d conv weights only; the rest is unchanged

@@ -136,7 +136,9 @@ def training_settings(spec: RunSpec, params: TrainParams, schedule: Schedule) ->
 
 def check_settings(checkpoint: dict, settings: dict, path: Path) -> None:
     """Refuse to resume with other hyperparameters: the run would mix two settings and record only one."""
-    saved = checkpoint.get("settings", {})
+    saved = dict(checkpoint.get("settings", {}))
+    if saved.get("config.mask_init") == "constant":  # written before mask_init_value: a constant meant logit 0
+        saved.setdefault("config.mask_init_value", 0.0)
     for key, value in settings.items():
         if saved.get(key) != value:
             raise DmgError(f"checkpoint {path} was trained with {key}={saved.get(key)!r}, not {value!r}; "

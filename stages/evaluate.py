@@ -12,6 +12,7 @@ Details file (accuracies in percent, the paper's unit):
   "in_domain_split": "test",   # "val" for PACS, whose test list is the whole domain (train included)
   "selection": {"best_epoch": int, "val_accuracy": float},
   "masks": {"points": [...], "iou": {point: [[D x D]]}, "keep_probability": {point: {source: float}},  # DMG only
+            "mean_pairwise_iou": float,  # over masked points of the mean hard IoU of distinct pairs (core)
             "keep_probability_histogram": {"bin_edges": [21 floats], "counts": {point: {source: [20 ints]}}}},
   "finished": bool,   # false: evaluated with allow_unfinished, the run had no run.json
   "protocol": {...}   # how the run was trained (dmgcli/runs.py run_protocol); absent for old checkpoints
@@ -130,7 +131,8 @@ def _evaluate(info: DatasetInfo, data_dir: Path, h5: Path, spec, ckpt: dict, fol
     # input normalisation and head) comes from the checkpoint, not from params.yaml now; every weight
     # and buffer, normalisation statistics included, then comes from best.pt.
     config = MethodConfig(**ckpt["config"])
-    method = place(build_method(spec.method, config, load_weights=False, optimizers=False), device, train_params.precision)
+    method = build_method(spec.method, config, load_weights=False, optimizers=False)  # the checkpoint's weights follow
+    method = place(method, device, train_params.precision)
     method.average_over = params.average_over  # how the "average" prediction combines the per-domain outputs
     load_model_state(method, ckpt["model"], folder / "best.pt")
     _, eval_aug = aug.get_augmentation(info.augmentation, config.image_size)

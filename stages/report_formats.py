@@ -74,7 +74,8 @@ def sub_rows(row: FilledRow, notes: Notes) -> list[tuple[str, list[str]]]:
     """(sub-label, cell texts) lines of one row: paper, ours, diff, as far as the row has them."""
     lines = []
     if row.spec.paper:
-        lines.append(("paper", [f"{c.paper:.2f}" for c in row.cells]))
+        # "-": a paper number the table does not show (its Overall when only some targets are columns)
+        lines.append(("paper", ["-" if c.paper is None else f"{c.paper:.2f}" for c in row.cells]))
     if row.spec.method:
         n = row_n(row)
         lines.append((f"ours (n={n})" if n else "ours", [ours_text(c, n, notes) for c in row.cells]))

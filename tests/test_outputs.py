@@ -261,9 +261,18 @@ def test_every_byte_of_a_checkpoint_is_covered_by_its_seal(finished_run, tmp_pat
     assert seal_matches(path) is None and load_checkpoint(path)["epoch"] == 1
 
 
+def as_written_before_issue_19(ckpt: dict) -> dict:
+    """A checkpoint as dmg wrote it before average_over left the method's config (it is evaluate's
+    setting now) and before mask_init_value existed."""
+    config = {k: v for k, v in ckpt["config"].items() if k != "mask_init_value"}
+    old = {**ckpt, "config": {**config, "average_over": "logits"}}
+    if "settings" in ckpt:
+        old["settings"] = {k: v for k, v in ckpt["settings"].items() if k != "config.mask_init_value"}
+    return old
+
+
 def test_checkpoints_holding_average_over_still_load(finished_run, tmp_path, digits_dir):
-    """Checkpoints written while average_over was part of the method's config (it is evaluate's
-    setting now) load without it, and the run still evaluates and resumes."""
+    """Checkpoints written before issue 19 load, and the run still evaluates and resumes."""
     import torch
 
     from dmgcli.checkpoint import load_checkpoint, save_checkpoint
@@ -272,7 +281,7 @@ def test_checkpoints_holding_average_over_still_load(finished_run, tmp_path, dig
     shutil.copytree(finished_run, run)
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(run / name, weights_only=True)
-        save_checkpoint(run / name, {**ckpt, "config": {**ckpt["config"], "average_over": "logits"}})
+        save_checkpoint(run / name, as_written_before_issue_19(ckpt))
         assert "average_over" not in load_checkpoint(run / name)["config"]
     params = digits_dir / "params.yaml"
     result = dmg("evaluate", "--target", "rot0", "--method", "aggregate", "--device", "cpu", "--run", run,
@@ -281,6 +290,31 @@ def test_checkpoints_holding_average_over_still_load(finished_run, tmp_path, dig
     result = dmg(*train_args(run, "--resume", "--params", params, epochs=2))
     assert result.exit_code == 0, result.output
     assert json.loads((run / "run.json").read_text())["best"]["epoch"] in (1, 2)
+
+
+def test_a_constant_mask_init_run_written_before_mask_init_value_resumes(digits_dir, tmp_path):
+    """Before mask_init_value, `mask_init: constant` meant logit 0: such a last.pt resumes under
+    the default value 0 and is refused under another."""
+    import torch
+
+    from conftest import write_params
+    from dmgcli.checkpoint import save_checkpoint
+
+    params = write_params(tmp_path, data_dir=str(digits_dir / "data"), train={"mask_init": "constant"})
+    run = tmp_path / "run"
+    dmg_args = ["train", "--target", "rot0", "--method", "dmg", "--device", "cpu", "--out", run, "--params", params]
+    result = dmg(*dmg_args, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    save_checkpoint(run / "last.pt", as_written_before_issue_19(ckpt))
+    other = write_params(tmp_path, data_dir=str(digits_dir / "data"),
+                         train={"mask_init": "constant", "mask_init_value": 2.0})
+    refused = dmg(*dmg_args[:-1], other, "--epochs", "2", "--resume")
+    assert refused.exit_code == 1 and "config.mask_init_value=0.0, not 2.0" in refused.output
+    params = write_params(tmp_path, data_dir=str(digits_dir / "data"), train={"mask_init": "constant"})
+    result = dmg(*dmg_args, "--epochs", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["protocol"]["epochs_run"] == 2
 
 
 # --------------------------------------------------------------------------- 5. the data a run was trained on

@@ -572,3 +572,7 @@ def test_default_tables_show_the_matrix_targets_and_those_with_runs(in_fixtures,
     table2 = next(r for r in report.paper_table(2).rows if (r.backbone, r.method) == ("alexnet", "aggregate"))
     assert aggregate.spec.paper == (table2.paper[3], None)  # the paper's sketch number, no paper Overall
     assert aggregate.cells[-1].ours.mean == aggregate.cells[0].ours.mean  # Overall of the one column
+    doc = report.default_document("pacs", pacs, tmp_path)
+    for fmt in report.FORMATS:  # every format renders a paper row without its Overall
+        assert "sketch" in report.render(doc, fmt)
+    assert f"| AlexNet | Aggregate | paper | {table2.paper[3]:.2f} | - |" in report.render(doc, "markdown")
