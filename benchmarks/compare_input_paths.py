@@ -39,9 +39,7 @@ from dmgcli.engine import model_input, place, resolve_device, seed_everything, t
 from dmgcli.fileio import write_json  # noqa: E402
 from dmgcli.h5data import FileInfo, SplitReader, write_split, writing  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
-from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
-
-STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
+from dmgcli.benchmarking import STEP_SETTINGS  # noqa: E402
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")

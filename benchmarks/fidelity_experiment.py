@@ -69,12 +69,9 @@ def variants(schedule) -> dict[str, dict]:
 def sampled_scores(method: DMG, x: torch.Tensor, samples: int) -> torch.Tensor:
     """Average over sources and `samples` Bernoulli mask draws of the logits: [B, C]."""
     features = method.trunk(x)
-    batch, domains = features.shape[0], method.masks.num_domains
-    repeated = features.repeat(domains, *[1] * (features.dim() - 1))
-    ids = torch.arange(domains, device=features.device).repeat_interleave(batch)
     total = 0
     for _ in range(samples):
-        total = total + method.masked_forward(repeated, ids, "train").view(domains, batch, -1).mean(0)
+        total = total + method.every_domain(features, "train").mean(0)
     return total / samples
 
 

@@ -22,9 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmgcli.benchmarking import plain_network  # noqa: E402
 from dmgcli.engine import model_input, place, training_objective  # noqa: E402
 from dmgcli.methods import MethodConfig, build_method  # noqa: E402
-from dmgcli.params import DEFAULT_SCHEDULES  # noqa: E402
-
-STEP_SETTINGS = DEFAULT_SCHEDULES["domainnet"].optimizer_settings()  # lr 1e-4, no weight decay: as these were measured
+from dmgcli.benchmarking import STEP_SETTINGS  # noqa: E402
 
 
 def profiled(step, steps: int, warmup: int) -> dict:

@@ -4,8 +4,8 @@ Chattopadhyay, Balaji, Hoffman, "Learning to Balance Specificity and Invariance 
 Out of Domain Generalization", ECCV 2020 (section 2, equation (1)).
 
 Everything here is a pure function (of tensors; `mean_pairwise_iou` of stored IoU matrices)
-except `DomainMasks`, the one module that owns the mask logits. Shapes: D = number of source domains, U = units (channels or
-features) at one masked point l, N = sum of U_l over the L masked points (every point's
+except `DomainMasks`, the one module that owns the mask logits. Shapes: D = number of source
+domains, U = units (channels or features) at one masked point l, N = sum of U_l over the L masked points (every point's
 units side by side), B = batch size, P = D(D-1)/2 pairs of domains.
 
 The training step's mask operations are written once, in the batched form training runs
@@ -23,6 +23,8 @@ import statistics
 
 import torch
 from torch import nn
+
+from .params import MASK_INITS, TrainParams
 
 IOU_SMOOTHING = 1e-6  # the reference implementation's smoothing term
 
@@ -90,10 +92,10 @@ class DomainMasks(nn.Module):
     (keep-probability 0.5 to 0.73), or to a constant `init_value` when given.
     """
 
-    def __init__(self, units: list[int], num_domains: int, init: str = "uniform", init_value: float = 0.0):
+    def __init__(self, units: list[int], num_domains: int, init: str, init_value: float = TrainParams.mask_init_value):
         super().__init__()
-        if init not in ("uniform", "constant"):
-            raise ValueError(f"unknown mask init {init!r}; valid: uniform, constant")
+        if init not in MASK_INITS:
+            raise ValueError(f"unknown mask init {init!r}; valid: {', '.join(MASK_INITS)}")
         self.num_domains, self.units = num_domains, list(units)
         self.logits = nn.ParameterList()
         for u in units:

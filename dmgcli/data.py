@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed
 from .errors import DmgError
 from .h5data import SplitReader, read_info
-from .params import RESIDENT_MODES
+from .params import RESIDENT_MODES, TrainParams
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 PREFETCH = 4  # batches each worker keeps ready
@@ -223,7 +223,7 @@ class BatchStream:
     """
 
     def __init__(self, images: DomainImages, batch_size: int, device: torch.device, workers: int | None = None,
-                 resident: str = "auto", shard: distributed.Dist | None = None,
+                 resident: str = TrainParams.resident, shard: distributed.Dist | None = None,
                  decode_on_device: bool | None = None):
         self.images, self.batch_size, self.device = images, batch_size, device
         self.workers = default_workers() if workers is None else workers

@@ -22,7 +22,7 @@ from . import distributed
 from .data import BatchStream
 from .errors import DmgError
 from .methods import Method
-from .params import Schedule
+from .params import LR_SCHEDULES, Schedule, TrainParams
 
 PRECISIONS = ("bf16", "fp32")
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(device: torch.device, precision: str = "bf16"):
+def autocast_for(device: torch.device, precision: str = TrainParams.precision):
     """bf16 autocast on CUDA; plain fp32 on the CPU (bf16 there is slower and changes results)."""
     if precision not in PRECISIONS:
         raise DmgError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -54,7 +54,7 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
     return contextlib.nullcontext
 
 
-def place(method: Method, device: torch.device, precision: str = "bf16") -> Method:
+def place(method: Method, device: torch.device, precision: str = TrainParams.precision) -> Method:
     """Move a freshly built method to its device and set it up to run fast there.
 
     CUDA: bf16 autocast (unless fp32), channels_last weights (tensor-core convolutions want
@@ -89,7 +89,7 @@ def fuse_optimizers(method: Method) -> None:
 
 
 def training_objective(method: Method, device: torch.device, compile: bool = False,
-                       mode: str = "default") -> Objective:
+                       mode: str = TrainParams.compile_mode) -> Objective:
     """What the training step calls for the loss: the method's objective, wrapped in DDP under
     torchrun (gradients averaged over processes), and compiled when asked.
 
@@ -118,7 +118,7 @@ def _lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
     if schedule.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
-    raise DmgError(f"unknown lr_schedule {schedule.lr_schedule!r}; valid: exponential, inverse, constant")
+    raise DmgError(f"unknown lr_schedule {schedule.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
 
 class Schedulers:

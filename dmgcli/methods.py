@@ -24,9 +24,9 @@ from torch import nn
 from .backbones import Backbone, build_backbone, disable_dropout, new_head, split_at, split_frozen
 from .core import DomainMasks, apply_mask
 from .errors import DmgError
-from .params import TrainParams
+from .params import VALIDATION_MODES, EvaluateParams, TrainParams
 
-PREDICT_MODES = ("average", "known_domain", "hard")
+PREDICT_MODES = VALIDATION_MODES  # declared with train.validation_mode, which takes any of them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +41,8 @@ class MethodConfig:
     pretrained_path: str | None = TrainParams.pretrained_path
     mask_points: tuple[str, ...] | None = TrainParams.mask_points
     mask_init: str = TrainParams.mask_init
-    mask_init_value: float | None = None  # mask_init constant: every logit's start; None: uniform (or a config before it)
+    # mask_init constant: every logit's start; None: uniform (or a config written before the key: logit 0)
+    mask_init_value: float | None = None
     overlap_lambda: float = TrainParams.overlap_lambda
     lr: float  # Adam lr of the network
     mask_lr: float  # Adam lr of the masks (DMG)
@@ -69,7 +70,7 @@ class Method(nn.Module):
     # How the "average" prediction combines per-domain outputs: over logits (the reference's rule,
     # used in training's validation) or probs. An evaluation setting (evaluate.average_over, set by
     # stages/evaluate.py), not a training one: not in MethodConfig, not in checkpoints.
-    average_over = "logits"
+    average_over = EvaluateParams.average_over
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -272,9 +273,11 @@ class DMG(Method):
             return self.masked_forward(features, domains, "soft")
         if mode == "hard":
             return self.masked_forward(features, domains, "hard")
-        # Average: every sample under every domain's soft mask, in one batched pass.
+        return self.combine(self.every_domain(features, "soft"))  # average: under every domain's soft mask
+
+    def every_domain(self, features: torch.Tensor, kind: str) -> torch.Tensor:
+        """Every sample under every source domain's mask of `kind`, in one batched pass: [D, B, C]."""
         batch, num_domains = features.shape[0], self.masks.num_domains
         repeated = features.repeat(num_domains, *[1] * (features.dim() - 1))  # [D*B, ...]
-        domain_ids = torch.arange(num_domains, device=x.device).repeat_interleave(batch)  # [D*B]
-        scores = self.masked_forward(repeated, domain_ids, "soft")  # [D*B, C]
-        return self.combine(scores.view(num_domains, batch, -1))
+        domain_ids = torch.arange(num_domains, device=features.device).repeat_interleave(batch)  # [D*B]
+        return self.masked_forward(repeated, domain_ids, kind).view(num_domains, batch, -1)

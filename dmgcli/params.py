@@ -126,7 +126,7 @@ class Schedule:
 
 
 LR_SCHEDULES = ("exponential", "inverse", "constant")
-VALIDATION_MODES = ("hard", "known_domain", "average")  # dmgcli.methods.PREDICT_MODES
+VALIDATION_MODES = ("hard", "known_domain", "average")  # prediction modes, dmgcli.methods.PREDICT_MODES too
 MASK_INITS = ("uniform", "constant")  # what dmgcli.core.DomainMasks accepts
 
 

@@ -98,7 +98,7 @@ def per_process_batch(batch_size: int, world: int) -> int:
 
 
 def source_stream(h5: Path, sources: tuple[str, ...], split: str, batch_size: int, device, workers: int | None,
-                  resident: str = "auto") -> BatchStream:
+                  resident: str = TrainParams.resident) -> BatchStream:
     """The sources' `split` as one stream; each sample carries its source's index (0..D-1).
     workers None: the machine's default; resident: train.resident (dmgcli/data.py)."""
     readers = [SplitReader(h5, d, split) for d in sources]

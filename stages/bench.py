@@ -35,17 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from dmgcli import augment as aug
-from dmgcli.benchmarking import (IMAGE_SIZE, MAX_IMAGES, BenchSettings, bench_stream, endless, environment,
-                                 plain_network, random_batch, settings_for, synchronize, timed, write_synthetic_file)
+from dmgcli.benchmarking import (IMAGE_SIZE, MAX_IMAGES, STEP_SETTINGS, BenchSettings, bench_stream, endless,
+                                 environment, plain_network, random_batch, settings_for, synchronize, timed,
+                                 write_synthetic_file)
 from dmgcli.engine import Objective, autocast_for, model_input, place, resolve_device, seed_everything
 from dmgcli.engine import training_objective
 from dmgcli.fileio import write_json
 from dmgcli.methods import Method, MethodConfig, build_method
-from dmgcli.params import DEFAULT_SCHEDULES
 from stages.bench_concurrent import concurrent_figure
 
 
-def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "benchmarks/results",
+def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path,
           progress: Callable[[str], None] = print) -> dict:
     """Measure the figures of steps 2-5 above (six: end to end streamed and resident, the method's
     step, the plain step, the method's and the plain network's evaluation), and step 6's with
@@ -58,7 +58,7 @@ def bench(settings: BenchSettings, device: torch.device, out_dir: str | Path = "
         progress(f"writing {n} synthetic JPEGs at {IMAGE_SIZE} px ...")
         results["jpeg_mean_bytes"] = write_synthetic_file(h5, n, settings.domains, settings.classes, settings.seed)
         config = MethodConfig(backbone=settings.backbone, num_classes=settings.classes, num_domains=settings.domains,
-                              **DEFAULT_SCHEDULES["domainnet"].optimizer_settings())  # sized as DomainNet
+                              **STEP_SETTINGS)
         method = place(build_method(settings.method, config), device, settings.precision)
         objective = training_objective(method, device, settings.compile, settings.compile_mode)
         timings = measure_end_to_end(method, objective, h5, settings, device, progress, results)
@@ -230,8 +230,8 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device_name: str = "auto", method: str = "dmg", out_dir: str | Path = "benchmarks/results",
-        progress: Callable[[str], None] = print, **overrides) -> dict:
+def run(device_name: str, method: str, out_dir: str | Path, progress: Callable[[str], None] = print,
+        **overrides) -> dict:
     """`dmg bench`: resolve the device and its defaults, then measure."""
     device = resolve_device(device_name)
     return bench(settings_for(device, method, **overrides), device, out_dir, progress)

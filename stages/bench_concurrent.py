@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from dmgcli.benchmarking import BenchSettings, bench_stream, endless, synchronize
+from dmgcli.benchmarking import STEP_SETTINGS, BenchSettings, bench_stream, endless, synchronize
 from dmgcli.errors import DmgError
 
 BARRIER_TIMEOUT = 600.0  # seconds a warm worker waits for the others
@@ -56,13 +56,12 @@ def worker(settings_json: str, device_name: str, h5: str, barrier: str, index: i
     from dmgcli.engine import model_input, place, seed_everything, training_objective
     from dmgcli.fileio import write_json
     from dmgcli.methods import MethodConfig, build_method
-    from dmgcli.params import DEFAULT_SCHEDULES
 
     settings = BenchSettings(**{**json.loads(settings_json), "concurrent": ()})
     device = torch.device(device_name)
     seed_everything(settings.seed + index)
     config = MethodConfig(backbone=settings.backbone, num_classes=settings.classes, num_domains=settings.domains,
-                          **DEFAULT_SCHEDULES["domainnet"].optimizer_settings())  # sized as DomainNet
+                          **STEP_SETTINGS)
     method = place(build_method(settings.method, config), device, settings.precision)
     objective = training_objective(method, device, settings.compile, settings.compile_mode)
     train_aug = aug.get_augmentation(settings.augmentation)[0]

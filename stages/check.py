@@ -55,7 +55,8 @@ def check(params: Params) -> str:
         raise DmgError(f"params: matrix.seeds repeats a seed: {list(matrix.seeds)}")
     params.train.schedule_for(info.schedule_key)  # the lookup train makes (loading params checked each schedule)
     if params.train.precision not in PRECISIONS:
-        raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, got {params.train.precision!r}")
+        raise DmgError(f"params: train.precision must be one of {', '.join(PRECISIONS)}, "
+                       f"got {params.train.precision!r}")
     if params.train.backbone not in BACKBONES:  # the sweep trains train.backbone
         raise DmgError(f"params: train.backbone {params.train.backbone!r} is unknown; valid: {', '.join(BACKBONES)}")
     try:

@@ -5,8 +5,8 @@ One table cell is one (backbone, method, target); its seeds are averaged:
   mean +- sample standard deviation (n - 1 in the denominator) over the n seeds.
 "Overall" is, per seed, the mean over all columns, then averaged over the seeds that every
 column has (the paper's Overall is the mean of its columns). The default tables' columns are the
-targets of the matrix and those with runs, so a matrix of some targets has the Overall of those. Each cell with a paper number
-also shows diff = ours - paper. A cell with no run shows "-" and a footnote with the
+targets of the matrix and those with runs, so a matrix of some targets has the Overall of those
+(and a paper row there no paper Overall). Each cell with a paper number also shows diff = ours - paper. A cell with no run shows "-" and a footnote with the
 commands that produce it.
 
 Tables: the paper's Tables 1-3 (`dmg report --table N`, numbers from dmgcli/paper_tables.json)
@@ -27,7 +27,7 @@ from pathlib import Path
 from dmgcli.datasets import get_dataset
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_text
-from dmgcli.params import MatrixParams
+from dmgcli.params import MatrixParams, Params, ReportParams
 from dmgcli.results import (STILL_LEARNING, Record, Runs, Stat, load_runs, metric, paper_data,  # noqa: F401 - re-exported
                             run_marks, stat)
 from stages.report_document import Cell, Document, FilledRow, FilledTable, RowSpec, TableSpec
@@ -247,8 +247,8 @@ def check_something_to_report(doc: Document, root: Path, data_dir: str | Path) -
                    f"(nothing was written)")
 
 
-def report(dataset: str, matrix: MatrixParams, metrics_dir: str | Path = "metrics", out_dir: str | Path = "reports",
-           data_dir: str | Path = "data", figures: bool = True) -> Document:
+def report(dataset: str, matrix: MatrixParams, metrics_dir: str | Path, out_dir: str | Path,
+           data_dir: str | Path = Params.data_dir, figures: bool = ReportParams.figures) -> Document:
     """The report stage: write reports/<dataset>/ (tables, paper tables, figures, index.md)."""
     info = get_dataset(dataset)
     doc = default_document(info.name, matrix, metrics_dir)

@@ -176,8 +176,8 @@ class Slot:
     started: float
 
 
-def study(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params_file: str | Path, jobs: int = 1,
-          device: str = "auto", min_free_gb: float = 4.0, stagger: float | None = None,
+def study(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params_file: str | Path, *, jobs: int,
+          device: str, min_free_gb: float, stagger: float | None = None,
           train_flags: tuple[str, ...] = (), evaluate: bool = True,
           progress: Callable[[str], None] = print) -> dict[str, float]:
     """Run what the matrix still needs, up to `jobs` runs at once; returns each run's seconds

@@ -128,7 +128,7 @@ def test_apply_mask_broadcasts_per_channel_over_space():
 
 def test_domain_masks_shapes_init_and_every_logit_gets_gradient():
     torch.manual_seed(0)
-    masks = DomainMasks([8, 5], num_domains=3)
+    masks = DomainMasks([8, 5], num_domains=3, init="uniform")
     for logits in masks.logits:
         assert logits.shape[0] == 3 and (logits >= 0).all() and (logits < 1).all()  # U[0, 1)
     domains = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -157,7 +157,7 @@ def test_domain_masks_soft_and_hard_select_own_domain():
 
 def test_batched_overlap_equals_the_per_layer_sum_and_its_gradient():
     torch.manual_seed(1)
-    masks = DomainMasks([7, 3, 12], num_domains=4).double()
+    masks = DomainMasks([7, 3, 12], num_domains=4, init="uniform").double()
     with torch.no_grad():
         for logits in masks.logits:
             logits.normal_(0, 2)  # far from the init, so every pair differs
@@ -172,12 +172,12 @@ def test_batched_overlap_equals_the_per_layer_sum_and_its_gradient():
     # IoU = (0.25 + eps) / (0.5 + 0.5 - 0.25 + eps), about 1/3.
     one = DomainMasks([1], num_domains=2, init="constant", init_value=0.0)
     assert one.overlap().item() == pytest.approx((0.25 + 1e-6) / (0.75 + 1e-6), rel=1e-6)
-    assert DomainMasks([4], num_domains=1).overlap().item() == 0.0
+    assert DomainMasks([4], num_domains=1, init="uniform").overlap().item() == 0.0
 
 
 def test_batch_masks_equal_the_per_point_masks():
     torch.manual_seed(2)
-    masks = DomainMasks([5, 2, 6], num_domains=3)
+    masks = DomainMasks([5, 2, 6], num_domains=3, init="uniform")
     with torch.no_grad():
         for logits in masks.logits:
             logits.normal_(0, 2)

@@ -96,12 +96,12 @@ def test_a_failed_run_is_named_with_its_log(digits_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     matrix = MatrixParams(targets=("rot0",), methods=("aggregate",), backbones=("convnet",), seeds=(0,))
     with pytest.raises(DmgError, match=r"1 of 1 runs failed \(convnet-aggregate-rot0-seed0\)"):
-        study_stage.study(DIGITS, tmp_path / "data", matrix, params, jobs=2, device="cpu", evaluate=False,
+        study_stage.study(DIGITS, tmp_path / "data", matrix, params, jobs=2, device="cpu", min_free_gb=2.0, evaluate=False,
                           train_flags=("--batch-size", "0"), progress=lambda line: None)
     log = tmp_path / "data" / "study" / "digits" / "convnet-aggregate-rot0-seed0.log"
     assert "train.batch_size must be at least 1" in log.read_text()
     with pytest.raises(DmgError, match="--jobs must be at least 1"):
-        study_stage.study(DIGITS, tmp_path / "data", matrix, params, jobs=0, device="cpu")
+        study_stage.study(DIGITS, tmp_path / "data", matrix, params, jobs=0, device="cpu", min_free_gb=2.0)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -116,8 +116,8 @@ def test_the_whole_matrix_is_checked_before_any_process_starts(tmp_path, bad, me
     matrix = MatrixParams(**{"targets": ("rot0",), "methods": ("aggregate",), "backbones": ("convnet",),
                              "seeds": (0,), **bad})
     with pytest.raises(DmgError, match=message):
-        study_stage.study(DIGITS, tmp_path / "data", matrix, tmp_path / "params.yaml", device="cpu",
-                          progress=lambda line: None)
+        study_stage.study(DIGITS, tmp_path / "data", matrix, tmp_path / "params.yaml", jobs=1, device="cpu",
+                          min_free_gb=2.0, progress=lambda line: None)
     assert not (tmp_path / "data").exists()  # no log folder, no process
 
 
