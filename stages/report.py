@@ -6,8 +6,8 @@ One table cell is one (backbone, method, target); its seeds are averaged:
 "Overall" is, per seed, the mean over all columns, then averaged over the seeds that every
 column has (the paper's Overall is the mean of its columns). The default tables' columns are the
 targets of the matrix and those with runs, so a matrix of some targets has the Overall of those
-(and a paper row there no paper Overall). Each cell with a paper number also shows diff = ours - paper. A cell with no run shows "-" and a footnote with the
-commands that produce it.
+(and a paper row there no paper Overall). Each cell with a paper number also shows
+diff = ours - paper. A cell with no run shows "-" and a footnote with the commands that produce it.
 
 Tables: the paper's Tables 1-3 (`dmg report --table N`, numbers from dmgcli/paper_tables.json)
 and, for any dataset, the out-of-domain and in-domain tables of the params.yaml matrix.

@@ -19,7 +19,6 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from dmgcli.core import mean_pairwise_iou
 from dmgcli.datasets import DatasetInfo, check_domain
 from dmgcli.errors import DmgError
 from dmgcli.fileio import write_json
@@ -30,20 +29,12 @@ from stages.evaluate import evaluate
 from stages.train import train
 
 
-def mean_iou_of(masks: dict) -> float:
-    """The mean pairwise IoU an evaluation recorded (a details file's "masks"); details files
-    written before it was recorded get it from their IoU matrices, by the same function."""
-    if "mean_pairwise_iou" in masks:
-        return masks["mean_pairwise_iou"]
-    return mean_pairwise_iou([masks["iou"][point] for point in masks["points"]])
-
-
 def measure(metrics: dict) -> dict:
     """The sweep's numbers of one evaluated run."""
     return {"out_of_domain": metrics["out_of_domain"]["accuracy"],
             "in_domain": metrics["in_domain"]["average"]["mean"],
             "in_domain_known": metrics["in_domain"]["known_domain"]["mean"],
-            "mean_iou": mean_iou_of(metrics["masks"])}
+            "mean_iou": metrics["masks"]["mean_pairwise_iou"]}  # as evaluate recorded it (dmgcli/core.py)
 
 
 def summarize(points: list[dict], lambdas: tuple[float, ...]) -> list[dict]:

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmgcli.cli import app
+from dmgcli.core import mean_pairwise_iou
 from dmgcli.datasets import get_dataset
 from dmgcli.errors import DmgError
 from dmgcli.params import MatrixParams, SweepParams
@@ -440,8 +441,10 @@ def test_sweep_summary_averages_targets_then_seeds():
     assert row["out_of_domain"]["mean"] == pytest.approx(25.0)
     assert row["out_of_domain"]["std"] == pytest.approx(statistics.stdev([15.0, 35.0])) and row["mean_iou"]["n"] == 2
     masks = {"points": ["a", "b"], "iou": {"a": [[1, 0.2], [0.2, 1]], "b": [[1, 0.6], [0.6, 1]]}}
-    assert sweep.mean_iou_of(masks) == pytest.approx(0.4)  # a details file from before the key
-    assert sweep.mean_iou_of({**masks, "mean_pairwise_iou": 0.25}) == 0.25  # the recorded value
+    assert mean_pairwise_iou([masks["iou"][p] for p in masks["points"]]) == pytest.approx(0.4)
+    metrics = {"out_of_domain": {"accuracy": 1.0}, "in_domain": {"average": {"mean": 2.0}, "known_domain": {"mean": 3.0}},
+               "masks": {**masks, "mean_pairwise_iou": 0.25}}
+    assert sweep.measure(metrics)["mean_iou"] == 0.25  # the value the evaluation recorded
 
 
 def test_sweep_settings_are_checked():
