@@ -16,22 +16,21 @@ corrupt archive or a full disk leaves nothing behind.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from tqdm import tqdm
 
 from .errors import DmgError, disk_full
+from .fileio import temp_dir, temp_name
 
 CHUNK = 1 << 20  # bytes per read/write while hashing and copying
 MAX_EXPANSION = 20  # images barely compress: a real dataset zip expands by ~1x, a zip bomb by 100x and more
@@ -41,23 +40,11 @@ OVERRIDE = "; pass --allow-large if this archive is really what you want"
 
 # --------------------------------------------------------------------------- folders
 
-@contextlib.contextmanager
-def staging(parent: Path, name: str) -> Iterator[Path]:
-    """A fresh temporary folder inside `parent` (same filesystem, so renames are atomic),
-    removed with whatever is left in it when the block ends."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def replace_dir(new: Path, final: Path) -> None:
     """Put folder `new` at `final`, replacing an older (incomplete) one, by renames."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        old = temp_name(final, kind="old")  # marked: a kill before the rmtree leaves debris dmg clears
         os.rename(final, old)
         os.rename(new, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -197,7 +184,7 @@ def safe_extract(archive: Path, into: Path, max_bytes: int | None = None, allow_
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise DmgError(f"{archive} is not a readable zip archive ({exc}): truncated or corrupt; "
                        f"delete it and fetch it again") from None
-    with zf, staging(into.parent, into.name) as tmp:
+    with zf, temp_dir(into.parent, into.name) as tmp:
         check_zip_members(zf, archive)
         infos = zf.infolist()
         total = sum(i.file_size for i in infos)
@@ -252,7 +239,7 @@ def safe_extract_tar(archive: Path, into: Path, max_bytes: int | None = None,
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DmgError(f"{archive} is not a readable tar archive ({exc}): truncated or corrupt; "
                        f"delete it and fetch it again") from None
-    with tf, staging(into.parent, into.name) as tmp:
+    with tf, temp_dir(into.parent, into.name) as tmp:
         try:
             members = tf.getmembers()
         except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:

@@ -97,10 +97,12 @@ def load_checkpoint(path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     try:
         if path.stat().st_size == 0:
             raise DmgError(f"checkpoint {name} could not be read: empty file; {advice}")
-        if seal_matches(path) is False:
+        sealed = seal_matches(path)
+        if sealed is False:
             raise DmgError(f"checkpoint {name} is damaged (its bytes differ from the sha256 it was saved with); "
                            f"{advice}")
-        damaged = damaged_member(path)
+        # a matching seal vouches for every byte, CRCs included: only unsealed files need reading again
+        damaged = damaged_member(path) if sealed is None else None
         if damaged:
             record = damaged.split("/", 1)[-1]  # torch names the archive's top folder after the file
             raise DmgError(f"checkpoint {name} is damaged (its record {shorten(record, 60)} fails its CRC check); "

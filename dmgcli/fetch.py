@@ -20,9 +20,9 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from .archives import CHUNK, replace_dir, safe_extract, safe_extract_tar, staging, write_new_file  # noqa: F401
+from .archives import CHUNK, replace_dir, safe_extract, safe_extract_tar, write_new_file  # noqa: F401
 from .errors import DmgError
-from .fileio import write_json
+from .fileio import temp_dir, write_json
 from .transfer import download_gdrive, download_url, is_gdrive, is_url, url_basename  # noqa: F401
 
 
@@ -148,7 +148,7 @@ def copy_tree(src: Path, into: Path) -> dict[str, str]:
     """Copy a folder (links followed) to `into` through a temporary sibling; path -> sha256."""
     files = sorted(p for p in src.rglob("*") if p.is_file())
     hashes = {}
-    with staging(into.parent, into.name) as tmp:
+    with temp_dir(into.parent, into.name) as tmp:
         for path in tqdm(files, desc=f"copy {src.name}", unit="file", leave=False, disable=None):
             rel = path.relative_to(src).as_posix()
             with open(path, "rb") as fin:

@@ -91,6 +91,7 @@ def check_matrix(info: DatasetInfo, matrix: MatrixParams) -> list[StudyRun]:
 
 # What a run still needs, from its files alone (the same answer in any process, on any node).
 FINISHED, TRAINED, INTERRUPTED, NEW = "finished", "trained", "interrupted", "new"
+STATE_NOTES = {TRAINED: " (evaluate only)", INTERRUPTED: " (resumes its last.pt)"}  # beside "started"/"submitted"
 
 
 def run_state(data_dir: str | Path, dataset: str, run: StudyRun, evaluate: bool = True,
@@ -236,7 +237,7 @@ def _run(pending, states, running, logs, dataset, params_file, device, train_fla
             log = open(logs / f"{run.name}.log", "a")
             running.append(Slot(run, commands, start(commands.pop(0), log), log, time.monotonic()))
             last_start = time.monotonic()
-            what = {"trained": " (evaluate only)", "interrupted": " (resuming its last.pt)"}.get(states[run], "")
+            what = STATE_NOTES.get(states[run], "")
             progress(f"study: started {run.name}{what} ({len(running)} running, {len(pending)} waiting)")
         time.sleep(POLL_SECONDS)
     if failed:

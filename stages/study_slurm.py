@@ -37,7 +37,7 @@ from dmgcli.datasets import DatasetInfo
 from dmgcli.errors import DmgError
 from dmgcli.fileio import read_json, run_lock, write_json
 from dmgcli.params import MatrixParams, StudyParams
-from stages.study import (FINISHED, INTERRUPTED, TRAINED, StudyRun, check_matrix, die_with_this_process,
+from stages.study import (FINISHED, STATE_NOTES, StudyRun, check_matrix, die_with_this_process,
                           last_line, run_commands, run_state)
 
 RECORDS = "jobs.json"
@@ -241,8 +241,7 @@ def submit(info: DatasetInfo, data_dir: str | Path, matrix: MatrixParams, params
             again = run.name in records
             records[run.name] = {"job": str(job.job_id), "launcher": launcher, "log": str(job.paths.stdout),
                                  "submitted": submitted}
-            what = {TRAINED: " (evaluate only)", INTERRUPTED: " (resumes its last.pt)"}.get(
-                state, " (resubmitted)" if again else "")
+            what = STATE_NOTES.get(state, " (resubmitted)" if again else "")
             progress(f"study: submitted {run.name} as job {job.job_id}{what}; log {job.paths.stdout}")
         write_json(folder / RECORDS, {"runs": records})
     return {run.name: str(job.job_id) for (run, _), job in zip(todo, jobs)}

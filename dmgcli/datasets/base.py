@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..archives import unsafe_reason
 from ..errors import DmgError
 from ..fileio import shorten
 from ..params import DownloadParams, PreprocessParams
@@ -94,9 +95,9 @@ def read_list(path: Path) -> list[tuple[int, str, int]]:
                 rows.append((lineno, parts[0], int(parts[1])))
             except (IndexError, ValueError):
                 raise DmgError(f"{path}:{lineno}: expected `path label`, got {shorten(line.strip())!r}") from None
-            if parts[0].startswith(("/", "\\")) or ".." in parts[0].replace("\\", "/").split("/"):
-                raise DmgError(f"{path}:{lineno}: {shorten(parts[0])} leaves the dataset's images folder (an absolute "
-                               f"path or a '..' component); list paths are relative to images/")
+            if reason := unsafe_reason(parts[0]):
+                raise DmgError(f"{path}:{lineno}: {shorten(parts[0])} leaves the dataset's images folder ({reason}); "
+                               f"list paths are relative to images/")
     return rows
 
 

@@ -149,9 +149,9 @@ def sort_by_location(image_tree: Path, label_tree: Path, into: Path, where: str)
     for location, image_id, file_name in images:
         if location not in TERRA_LOCATIONS:
             continue
-        if unsafe_reason(str(file_name)):  # as a split list's line: never read a file outside the images
+        if reason := unsafe_reason(str(file_name)):  # as a split list's line: never read a file outside the images
             raise DmgError(f"{found[0].name}: image file_name {str(file_name)[:120]!r} leaves the image folder "
-                           f"({unsafe_reason(str(file_name))})")
+                           f"({reason})")
         for name in by_image.get(image_id, []):
             if name in TERRA_CATEGORIES and (source / file_name).is_file():
                 target = into / f"location_{location}" / name / Path(file_name).name

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
-from ..fetch import Manifest, download_url, find_files, is_url, staging
+from ..fileio import temp_dir
+from ..fetch import Manifest, download_url, find_files, is_url
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, ImagePlan, SplitPlan, check_entry, read_list
 from .sources import (adopt_or_verify, discard_download, download_cap, install_file, install_folder, local_source, say,
@@ -94,7 +95,7 @@ def fetch_official_list(name: str, official: list[Path], folder: Path | None, ba
     url = base + DOMAINNET_LISTS + name
     hint = (f"fetch it by hand into {manifest.folder / 'splits' / 'official'}/ or pass --splits FOLDER "
             f"holding the official lists")
-    with staging(manifest.folder, "list") as stage:
+    with temp_dir(manifest.folder, "list") as stage:
         path = download_url(url, stage / name, params.retries, params.timeout, hint, max_bytes=MAX_LIST_BYTES)
         manifest.check_source(DOMAINNET_LISTS + name, path, url)
         install_file(path, manifest, rel, url)
@@ -119,7 +120,7 @@ def fetch_domain(domain: str, folder: Path | None, base: str, manifest: Manifest
     if not manifest.verify(prefix):
         return 0
     out_dir = manifest.folder
-    with staging(out_dir, "fetch") as stage:
+    with temp_dir(out_dir, "fetch") as stage:
         if folder is not None:
             local = domain_source(folder, domain)
         else:

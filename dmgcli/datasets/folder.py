@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DmgError
-from ..fetch import Manifest, is_url, replace_dir, staging
+from ..fileio import temp_dir
+from ..fetch import Manifest, is_url, replace_dir
 from ..params import DownloadParams, FolderDatasetParams, PreprocessParams
 from .base import RESIZE_MODES, DatasetInfo, ImagePlan, SplitPlan, kfold_plan
 from .pacs import find_kfold_lists, kfold_names
@@ -166,7 +167,7 @@ class FolderDataset(DatasetInfo):
             say(f"{self.name}: {len(manifest.under('images/'))} files in {out_dir} present and verified against "
                 f"{Manifest.NAME}; nothing to do (delete {out_dir} to take a new copy)")
             return
-        with staging(out_dir, "fetch") as stage:
+        with temp_dir(out_dir, "fetch") as stage:
             local, tree, hashes = self.fetch_tree(out_dir, stage, manifest, params)
             root = self.find_root(tree, str(local))
             layout, _ = scan(root, str(local), self.source_folders())

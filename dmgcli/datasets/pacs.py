@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DmgError
-from ..fetch import Manifest, find_files, find_folder, replace_dir, sha256_file, staging
+from ..fileio import temp_dir
+from ..fetch import Manifest, find_files, find_folder, replace_dir, sha256_file
 from ..params import DownloadParams, PreprocessParams
 from .base import DatasetInfo, ImagePlan, kfold_plan
 from .sources import adopt_or_verify, archive_or_folder, discard_download, install_file, say, stage_folder, unpack
@@ -40,7 +41,7 @@ class Pacs(DatasetInfo):
             say(f"pacs: {len(manifest.under('images/'))} images and {len(names)} split lists in {out_dir} "
                 f"present and verified against {Manifest.NAME}; nothing to do")
             return
-        with staging(out_dir, "fetch") as stage:
+        with temp_dir(out_dir, "fetch") as stage:
             local = archive_or_folder(out_dir, params.source, f"https://drive.google.com/uc?id={PACS_DRIVE_ID}",
                                       PACS_ARCHIVE, "pacs", params)
             tree, hashes = unpack(local, stage, manifest, allow_large=params.allow_large)
